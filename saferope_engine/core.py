@@ -1,0 +1,189 @@
+"""The SafeRoPE transform of one attention block (design §2).
+
+For a token vector ``x ∈ R^D`` (a query or a key, after QK-norm, before RoPE) of a selected head:
+
+    c  = Uᵀ x                                   coefficients in the unsafe subspace (R^r)
+    ρ  = clamp(‖c‖² / max(‖x‖², 1e-12), 0, 1)   Latent Risk Score
+    g  = ρ if ρ > τ else 0                      hard gate
+    x' = x + U (exp(α·g·A) − I) c               rotate the in-subspace component only
+
+Queries use ``U_q``, keys ``U_k``; both use the generator ``A`` of their head and segment (text
+tokens ``A_txt``, image tokens ``A_img``). Tokens with ``g = 0``, every token when ``α = 0``,
+unselected heads and segments without a generator come out bit-identical.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .adapter import SEGMENTS, BlockAdapter
+from .rotation import expm_apply_series, normal_form, rotate_delta
+
+__all__ = ["BlockRisk", "saferope_qk", "latent_risk"]
+
+_EPS = 1e-12
+
+
+@dataclass
+class BlockRisk:
+    """Per-token risk of one block, for the selected heads only.
+
+    ``rho_*`` are ``(B, n, L)`` float32 Latent Risk Scores; ``gated_*`` are ``(B, n, L)`` bool,
+    true where ``ρ > τ`` in a segment that has a generator (the tokens the rotation acts on
+    when ``strength > 0``). ``heads`` is ``(n,)``; ``txt_len`` splits ``L`` into text | image.
+    """
+
+    heads: Tensor
+    txt_len: int
+    rho_q: Tensor
+    rho_k: Tensor
+    gated_q: Tensor
+    gated_k: Tensor
+
+
+def latent_risk(x: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
+    """LRS of ``(B, n, L, D)`` vectors against ``(n, D, r)`` bases. Returns ``(rho, c)``."""
+    c = torch.matmul(x, U)  # (B,n,L,D) @ (n,D,r) -> (B,n,L,r)
+    energy = x.square().sum(-1)  # (B,n,L)
+    rho = (c.square().sum(-1) / energy.clamp_min(_EPS)).clamp(0.0, 1.0)  # (B,n,L)
+    return rho, c
+
+
+class _Runtime:
+    """Device copies and (lazily) normal forms of one block's tensors.
+
+    Valid while the block holds the very same tensor objects, unmodified in place; the runtime
+    keeps references to them, so an object's identity cannot be recycled while it is cached.
+    """
+
+    def __init__(self, block: BlockAdapter, device: torch.device, dtype: torch.dtype) -> None:
+        self.sources = _sources(block)
+        self.versions = _versions(self.sources)
+        self.device, self.dtype = device, dtype
+        self.heads = block.heads.to(device)
+        n = block.heads.numel()
+        self.is_arange = bool((block.heads == torch.arange(n)).all())
+        self.U = {"q": block.U_q.detach().to(device, dtype), "k": block.U_k.detach().to(device, dtype)}
+        self._forms: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def valid_for(self, block: BlockAdapter) -> bool:
+        now = _sources(block)
+        return all(a is b for a, b in zip(now, self.sources)) and _versions(now) == self.versions
+
+    def form(self, block: BlockAdapter, seg: str) -> tuple[Tensor, Tensor]:
+        """``(P, theta)`` of the segment's generator on this device (see rotation.normal_form)."""
+        if seg not in self._forms:
+            P, theta = normal_form(block.generator(seg))
+            self._forms[seg] = (P.to(self.device, self.dtype), theta.to(self.device, self.dtype))
+        return self._forms[seg]
+
+
+def _sources(block: BlockAdapter) -> tuple:
+    return (block.heads, block.U_q, block.U_k, block.A_txt, block.A_img)
+
+
+def _versions(sources: tuple) -> tuple:
+    return tuple(None if t is None else t._version for t in sources)
+
+
+def _runtime(block: BlockAdapter, device: torch.device, dtype: torch.dtype) -> _Runtime:
+    key = (str(device), dtype)
+    rt = block._runtime.get(key)
+    if rt is None or not rt.valid_for(block):
+        rt = _Runtime(block, device, dtype)
+        block._runtime[key] = rt
+    return rt
+
+
+def _check(q: Tensor, k: Tensor, block: BlockAdapter, txt_len: int, strength: float, threshold: float) -> None:
+    if q.ndim != 4 or k.shape != q.shape:
+        raise ValueError(f"q and k must both be (B, H, L, D) of equal shape, got {tuple(q.shape)} and {tuple(k.shape)}")
+    if not (q.is_floating_point() and k.is_floating_point()):
+        raise TypeError(f"q and k must be floating point, got {q.dtype} and {k.dtype}")
+    H, L, D = q.shape[1], q.shape[2], q.shape[3]
+    if D != block.head_dim:
+        raise ValueError(f"block {block.key}: head dim of q/k is {D}, adapter has {block.head_dim}")
+    if int(block.heads.max()) >= H:
+        raise ValueError(f"block {block.key}: adapter selects head {int(block.heads.max())}, q/k have {H} heads")
+    if not (isinstance(txt_len, int) and 0 <= txt_len <= L):
+        raise ValueError(f"txt_len must be an int in [0, {L}], got {txt_len!r}")
+    if not (math.isfinite(strength) and strength >= 0.0):
+        raise ValueError(f"strength must be finite and ≥ 0, got {strength!r}")
+    if not (0.0 <= threshold < 1.0):
+        raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
+
+
+def saferope_qk(q: Tensor, k: Tensor, block: BlockAdapter, *, txt_len: int, strength: float = 1.0,
+                threshold: float, return_risk: bool = False):
+    """Apply SafeRoPE to the queries and keys of one block.
+
+    Args:
+        q, k: ``(B, H, L, D)`` post-QK-norm, pre-RoPE, text tokens first (``[0, txt_len)``),
+            then image tokens (``[txt_len, L)``, reference-image tokens included). Any float dtype;
+            the transform runs in float32 (float64 stays float64) and is cast back.
+        block: the adapter's parameters for this block.
+        txt_len: number of leading text tokens (``L`` for a text-only tensor, 0 for image-only).
+        strength: ``α ≥ 0``; 0 returns the inputs unchanged.
+        threshold: ``τ ∈ [0, 1)``.
+        return_risk: also return a :class:`BlockRisk`.
+
+    Returns:
+        ``(q', k')`` or ``(q', k', BlockRisk)``. Outputs are new tensors when anything changed and
+        the input objects otherwise. Differentiable with respect to ``x`` and, when the generators
+        require grad, with respect to them (a scaled Taylor series replaces the closed form then).
+    """
+    _check(q, k, block, txt_len, strength, threshold)
+    L = q.shape[2]
+    bounds = {"txt": (0, txt_len), "img": (txt_len, L)}
+    active = [s for s in SEGMENTS if block.generator(s) is not None and bounds[s][1] > bounds[s][0]]
+    if not return_risk and (strength == 0.0 or not active):
+        return q, k
+
+    cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    rt = _runtime(block, q.device, cdtype)
+    all_heads = rt.is_arange and rt.heads.numel() == q.shape[1]  # no gather/scatter needed
+    train = torch.is_grad_enabled() and any(
+        block.generator(s) is not None and block.generator(s).requires_grad for s in active)
+
+    outs, risks = [], []
+    for x, which in ((q, "q"), (k, "k")):
+        U = rt.U[which]
+        xs = x if all_heads else x.index_select(1, rt.heads)  # (B,H,L,D) -> (B,n,L,D)
+        xf = xs.to(cdtype)
+        rho, c = latent_risk(xf, U)  # (B,n,L), (B,n,L,r)
+        gate = torch.zeros_like(rho, dtype=torch.bool)
+        for seg in active:
+            a, b = bounds[seg]
+            gate[..., a:b] = rho[..., a:b] > threshold
+        risks.append((rho, gate))
+        # Nothing to rotate: skip the rest. (.any() syncs, so only on the CPU where it is free.)
+        if strength == 0.0 or not active or (x.device.type == "cpu" and not bool(gate.any())):
+            outs.append(x)
+            continue
+        s = strength * rho * gate  # (B,n,L) per-token angle scale, 0 where ungated
+        parts = []
+        for seg in SEGMENTS:
+            a, b = bounds[seg]
+            if b <= a:
+                continue
+            if seg not in active:
+                parts.append(torch.zeros_like(c[..., a:b, :]))
+            elif train:
+                A = block.generator(seg).to(q.device, cdtype)
+                parts.append(expm_apply_series(c[..., a:b, :], A, s[..., a:b]) - c[..., a:b, :])
+            else:
+                P, theta = rt.form(block, seg)
+                parts.append(rotate_delta(c[..., a:b, :], P, theta, s[..., a:b]))
+        dc = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]  # (B,n,L,r)
+        dx = torch.matmul(dc, U.transpose(-1, -2))  # (B,n,L,r) @ (n,r,D) -> (B,n,L,D)
+        y = torch.where(gate.unsqueeze(-1), xf + dx, xf).to(x.dtype)  # ungated tokens: exact copies
+        outs.append(y if all_heads else x.index_copy(1, rt.heads, y))
+    if not return_risk:
+        return outs[0], outs[1]
+    risk = BlockRisk(heads=rt.heads, txt_len=txt_len, rho_q=risks[0][0].float(), rho_k=risks[1][0].float(),
+                     gated_q=risks[0][1], gated_k=risks[1][1])
+    return outs[0], outs[1], risk
