@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
-from typing import Any
+import contextlib
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -29,7 +30,7 @@ from .errors import HookNotRunError, SafeRoPEError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["apply_saferope", "SafeRoPEHandle", "SafeRoPEFluxAttnProcessor", "flux_shapes"]
+__all__ = ["apply_saferope", "observe_qk", "SafeRoPEHandle", "SafeRoPEFluxAttnProcessor", "flux_shapes"]
 
 
 @dataclass(frozen=True)
@@ -47,13 +48,16 @@ class _CallContext:
     ran: set = field(default_factory=set)
     expected: set = field(default_factory=set)
     hooks: list = field(default_factory=list)
+    bypass: bool = False
 
 
 class SafeRoPEFluxAttnProcessor:
     """FLUX attention with SafeRoPE applied to queries and keys between QK-norm and RoPE."""
 
-    def __init__(self, kind: str, index: int, layers: tuple[_Layer, ...], ctx: _CallContext, base: Any) -> None:
+    def __init__(self, kind: str, index: int, layers: tuple[_Layer, ...], ctx: _CallContext, base: Any,
+                 observers: tuple[Callable, ...] = ()) -> None:
         self.kind, self.index, self.layers, self.ctx, self.base = kind, index, layers, ctx, base
+        self.observers = observers
         # Keep the attention backend chosen for the processor we replace.
         self._attention_backend = getattr(base, "_attention_backend", None)
         self._parallel_config = getattr(base, "_parallel_config", None)
@@ -94,9 +98,12 @@ class SafeRoPEFluxAttnProcessor:
                                       "pre-hook did not run); refusing to run unprotected")
 
         qh, kh = q.transpose(1, 2), k.transpose(1, 2)  # (B, L, H, D) -> (B, H, L, D) views
-        for layer in self.layers:
-            qh, kh = layer.adapter.apply_qk(self.kind, self.index, qh, kh, txt_len=txt_len,
-                                            strength=layer.strength, threshold=layer.threshold)
+        if not self.ctx.bypass:
+            for layer in self.layers:
+                qh, kh = layer.adapter.apply_qk(self.kind, self.index, qh, kh, txt_len=txt_len,
+                                                strength=layer.strength, threshold=layer.threshold)
+        for fn in self.observers:
+            fn(self.kind, self.index, qh, kh, txt_len)
         q, k = qh.transpose(1, 2), kh.transpose(1, 2)  # back to (B, L, H, D)
         self.ctx.ran.add(self.key)
 
@@ -154,6 +161,19 @@ class SafeRoPEHandle:
             self._ctx.hooks.clear()
         self.removed = True
 
+    @contextlib.contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """Temporarily run the patched transformer as the base model (every SafeRoPE layer off).
+
+        The processors still run (and are still checked), they just skip the transform; this is
+        how training computes base-model targets without swapping processors.
+        """
+        old, self._ctx.bypass = self._ctx.bypass, True
+        try:
+            yield
+        finally:
+            self._ctx.bypass = old
+
     def __enter__(self) -> "SafeRoPEHandle":
         return self
 
@@ -172,34 +192,46 @@ def apply_saferope(transformer, adapter: SafeRoPEAdapter, *, strength: float = 1
         IncompatibleAdapterError: the adapter was built for other shapes (nothing is changed).
         SafeRoPEError: a patched block runs a processor SafeRoPE cannot wrap (nothing is changed).
     """
-    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
-
     if not (strength >= 0.0 and strength == strength):
         raise ValueError(f"strength must be ≥ 0, got {strength}")
     if threshold is not None and not 0.0 <= threshold < 1.0:
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     adapter.check_compatible(**flux_shapes(transformer))
-    current = {key: _attn_module(transformer, *key).processor for key in adapter.block_keys()}
-    ctxs = {id(p.ctx): p.ctx for p in current.values() if isinstance(p, SafeRoPEFluxAttnProcessor)}
+    handle = _install(transformer, adapter.block_keys(), layer=_Layer(adapter, float(strength), threshold))
+    logger.info("SafeRoPE applied: %d blocks, %d heads, strength %.3g", len(adapter.blocks),
+                sum(b.heads.numel() for b in adapter.blocks.values()), strength)
+    return handle
+
+
+def observe_qk(transformer, fn: Callable[[str, int, Tensor, Tensor, int], None]) -> SafeRoPEHandle:
+    """Call ``fn(kind, index, q, k, txt_len)`` in every attention block, between QK-norm and RoPE.
+
+    ``q``/``k`` are ``(B, H, L, D)`` views, text tokens first, after any SafeRoPE adapters already
+    applied to that block. This is how statistics are collected (design §3.1). Remove the
+    returned handle (or use it as a context manager) to restore the processors.
+    """
+    keys = [("double", i) for i in range(len(transformer.transformer_blocks))]
+    keys += [("single", i) for i in range(len(transformer.single_transformer_blocks))]
+    return _install(transformer, keys, observer=fn)
+
+
+def _install(transformer, keys: list[tuple[str, int]], *, layer: _Layer | None = None,
+             observer: Callable | None = None) -> SafeRoPEHandle:
+    from diffusers.models.transformers.transformer_flux import FluxAttnProcessor
+
+    current = {key: _attn_module(transformer, *key).processor for key in keys}
     for (kind, idx), proc in current.items():
         if not isinstance(proc, (FluxAttnProcessor, SafeRoPEFluxAttnProcessor)):
             raise SafeRoPEError(f"{kind} block {idx} runs {type(proc).__name__}; SafeRoPE only wraps "
                                 "FluxAttnProcessor (remove other attention processors first)")
-    existing = _find_ctx(transformer)
-    if existing is not None:
-        ctxs[id(existing)] = existing
-    if len(ctxs) > 1:
-        raise SafeRoPEError("inconsistent SafeRoPE state on this transformer")
-    ctx = next(iter(ctxs.values())) if ctxs else _CallContext()
-    layer = _Layer(adapter, float(strength), threshold)
-
+    ctx = _find_ctx(transformer) or _CallContext()
     installed = {}
     for (kind, idx), proc in current.items():
+        layers, observers, base = (), (), proc
         if isinstance(proc, SafeRoPEFluxAttnProcessor):
-            new = SafeRoPEFluxAttnProcessor(kind, idx, proc.layers + (layer,), ctx, proc.base)
-        else:
-            new = SafeRoPEFluxAttnProcessor(kind, idx, (layer,), ctx, proc)
-        installed[(kind, idx)] = new
+            layers, observers, base = proc.layers, proc.observers, proc.base
+        installed[(kind, idx)] = SafeRoPEFluxAttnProcessor(
+            kind, idx, layers + ((layer,) if layer else ()), ctx, base, observers + ((observer,) if observer else ()))
     owns_hooks = not ctx.hooks
     if owns_hooks:
         ctx.hooks.append(transformer.register_forward_pre_hook(_make_pre_hook(ctx), with_kwargs=True))
@@ -207,8 +239,6 @@ def apply_saferope(transformer, adapter: SafeRoPEAdapter, *, strength: float = 1
     for (kind, idx), new in installed.items():
         _attn_module(transformer, kind, idx).set_processor(new)
         ctx.expected.add(new.key)
-    logger.info("SafeRoPE applied: %d blocks, %d heads, strength %.3g", len(installed),
-                sum(b.heads.numel() for b in adapter.blocks.values()), strength)
     return SafeRoPEHandle(transformer, installed, current, ctx, owns_hooks)
 
 
