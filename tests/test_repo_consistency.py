@@ -1,0 +1,45 @@
+"""Repository-level promises: CI runs the README's test command; the engine imports torch only."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def readme_commands() -> list[str]:
+    text = (ROOT / "README.md").read_text()
+    quick = text.split("## Quick start", 1)[1].split("\n## ", 1)[0]
+    return [line.strip() for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", quick, re.S)
+            for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
+
+
+def test_ci_runs_the_readme_test_command():
+    cmds = readme_commands()
+    tests = [c for c in cmds if "pytest" in c]
+    assert len(tests) == 1, cmds
+    ci = [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()
+          if line.strip() and not line.startswith(("#", "set ", "cd "))]
+    assert ci == tests
+
+
+def test_requirements_never_pin_torch():
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    torch_reqs = [d for d in deps if re.match(r"torch\b", d)]
+    assert all("==" not in d and "<" not in d for d in torch_reqs), torch_reqs
+    req = ROOT / "requirements.txt"
+    if req.exists():
+        assert not re.search(r"^\s*torch", req.read_text(), re.M)
+
+
+def test_engine_core_imports_only_torch():
+    code = ("import sys, saferope_engine, saferope_engine.subspace, saferope_engine.authors, "
+            "saferope_engine.diffusers, saferope_engine.testing\n"
+            "bad = [m for m in ('diffusers', 'transformers', 'comfy', 'safetensors', 'nodes', 'trainer') "
+            "if m in sys.modules]\nprint(','.join(bad))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == ""
