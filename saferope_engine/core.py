@@ -48,7 +48,7 @@ class BlockRisk:
 def latent_risk(x: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
     """LRS of ``(B, n, L, D)`` vectors against ``(n, D, r)`` bases. Returns ``(rho, c)``."""
     c = torch.matmul(x, U)  # (B,n,L,D) @ (n,D,r) -> (B,n,L,r)
-    energy = x.square().sum(-1)  # (B,n,L)
+    energy = torch.linalg.vector_norm(x, dim=-1).square()  # (B,n,L), one pass over x
     rho = (c.square().sum(-1) / energy.clamp_min(_EPS)).clamp(0.0, 1.0)  # (B,n,L)
     return rho, c
 
@@ -164,7 +164,7 @@ def saferope_qk(q: Tensor, k: Tensor, block: BlockAdapter, *, txt_len: int, stre
         if strength == 0.0 or not active or (x.device.type == "cpu" and not bool(gate.any())):
             outs.append(x)
             continue
-        s = strength * rho * gate  # (B,n,L) per-token angle scale, 0 where ungated
+        s = torch.where(gate, strength * rho, torch.zeros_like(rho))  # (B,n,L) angle scale, exactly 0 where ungated
         parts = []
         for seg in SEGMENTS:
             a, b = bounds[seg]
