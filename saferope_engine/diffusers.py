@@ -265,8 +265,8 @@ def _make_pre_hook(ctx: _CallContext):
 
 def _make_post_hook(ctx: _CallContext):
     def post_hook(module, args, output):
+        # txt_len stays set: gradient checkpointing re-runs the blocks during backward, after this hook.
         missing = ctx.expected - ctx.ran
-        ctx.txt_len = None
         if missing:
             raise HookNotRunError(f"SafeRoPE: patched blocks {sorted(missing)} did not run their SafeRoPE "
                                   "processor during this call (processors replaced or blocks skipped); "

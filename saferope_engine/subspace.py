@@ -116,6 +116,7 @@ class GramAccumulator:
         from safetensors.torch import save_file
 
         path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         meta = {"num_heads": str(self.num_heads), "head_dim": str(self.head_dim), **(metadata or {})}
         save_file(self.state_dict(), str(tmp), metadata=meta)
