@@ -41,7 +41,8 @@ def write_prompts(folder: Path) -> dict[str, Path]:
     return out
 
 
-def write_config(folder: Path, model: Path, *, steps: int = 8, extra: str = "") -> Path:
+def write_config(folder: Path, model: Path, *, steps: int = 8, checkpoint_every: int = 4, keep_checkpoints: int = 3,
+                 extra: str = "") -> Path:
     """A small build config (relative prompt paths, resolved against the config's folder)."""
     write_prompts(folder)
     text = f"""
@@ -66,7 +67,8 @@ kinds = ["double"]
 steps = {steps}
 batch_size = 2
 lr = 0.05
-checkpoint_every = 4
+checkpoint_every = {checkpoint_every}
+keep_checkpoints = {keep_checkpoints}
 threshold = {THRESHOLD}
 rollout_steps = 4
 unlearn_sigmas = [0.5, 1.0]

@@ -256,10 +256,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except Exception as e:  # unexpected: one line, traceback in the log file / with -v
         logger.debug("traceback", exc_info=True)
-        for h in logging.getLogger().handlers:
-            if isinstance(h, logging.FileHandler):
-                h.handle(logging.LogRecord("trainer", logging.ERROR, __file__, 0, "unexpected error", None,
-                                           sys.exc_info()))
         _one_line(f"unexpected {type(e).__name__}: {e} (run with -v for the traceback)")
         return 1
 

@@ -79,5 +79,15 @@ def make_runtime(device: str, mixed_precision: str) -> Runtime:
         dev = torch.device("cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else
                            ("mps" if device == "mps" else "cpu"))
         return Runtime(dev, mixed_precision=mixed_precision)
-    acc = Accelerator(mixed_precision=mixed_precision, cpu=(device == "cpu"))
+    try:
+        acc = Accelerator(mixed_precision=mixed_precision, cpu=(device == "cpu"))
+    except ValueError:
+        # A single process that already ran a command with other settings (e.g. tests, notebooks):
+        # Accelerate keeps one global state; start it afresh.
+        from accelerate.state import AcceleratorState
+
+        if AcceleratorState().num_processes > 1:
+            raise
+        AcceleratorState._reset_state(reset_partial_state=True)
+        acc = Accelerator(mixed_precision=mixed_precision, cpu=(device == "cpu"))
     return Runtime(acc.device, acc.process_index, acc.num_processes, mixed_precision, acc)

@@ -11,6 +11,7 @@ import argparse
 import functools
 import json
 import logging
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,10 +210,10 @@ def execute(plan: Plan) -> None:
         run.write_config(cfg)
     runtime.barrier()
     handler = _file_logging(run, plan.command)
+    transformer = caller = tables = None
     try:
         logger.info("%s: run directory %s (device %s, %d process(es))", plan.command, run.root, runtime.device,
                     runtime.num_processes)
-        transformer = caller = tables = None
         if plan.info is not None:
             from .embeddings import encode_sets
             from .flux import FluxCaller
@@ -239,6 +240,11 @@ def execute(plan: Plan) -> None:
             _train(plan, runtime, transformer, caller, tables)
         if runtime.is_main:
             _report(plan)
+    except BaseException:
+        # The traceback goes to the run's log file only; the console gets one line from the CLI.
+        handler.handle(logging.LogRecord("trainer", logging.ERROR, __file__, 0, "%s failed", (plan.command,),
+                                         sys.exc_info()))
+        raise
     finally:
         logging.getLogger().removeHandler(handler)
         handler.close()
