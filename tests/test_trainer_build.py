@@ -89,7 +89,7 @@ def test_resolved_config_round_trips(built):
 def test_evaluate_changes_only_gated_prompts(built, tiny_flux, cli):
     out, folder = built
     code, stdout, err = cli("-q", "evaluate", "--out", out, "--prompts", f"unsafe={folder / 'eval_unsafe.txt'}",
-                            "--prompts", f"safe={folder / 'eval_safe.txt'}", "--seeds", "0,1", "--sampling-steps", "3")
+                            "--prompts", f"safe={folder / 'eval_safe.txt'}", "--seeds", "0,1", "--steps", "3")
     assert code == 0, err
     results = json.loads((out / "evaluate/metrics.json").read_text())
     unsafe = results["sets"]["unsafe"]["adapter"]

@@ -111,3 +111,52 @@ def test_prompt_files(tmp_path):
     assert items[0].labels == {"colour": "red", "shape": "circle"} and items[1].labels == {}
     with pytest.raises(UsageError, match="key=value"):
         read_eval(_toml(tmp_path / "bad.txt", "x\tred\n"), what="set")
+
+
+def test_model_resolution(tiny_flux, tmp_path, monkeypatch):
+    """Local folders, hub ids from the local cache (never downloaded), toy, and layout errors."""
+    import shutil
+
+    import huggingface_hub.constants as hf_constants
+
+    from trainer.models import image_size, max_sequence_length, resolve_model
+
+    info = resolve_model(str(tiny_flux))
+    assert info.shapes == {"num_heads": 2, "head_dim": 16, "num_double_blocks": 2, "num_single_blocks": 2}
+    assert max_sequence_length(info, 0) == 12 and image_size(info, 0, 0) == (16, 16)
+    with pytest.raises(UsageError, match="exceeds the model's T5 limit 12"):
+        max_sequence_length(info, 13)
+    with pytest.raises(UsageError, match="multiples of 4"):
+        image_size(info, 18, 16)
+    # A hub id present in the local cache (the hub's cache layout), resolved offline.
+    cache = tmp_path / "hub"
+    repo = cache / "models--someone--tiny-flux"
+    shutil.copytree(tiny_flux, repo / "snapshots" / "0123abcd")
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("0123abcd")
+    monkeypatch.setattr(hf_constants, "HF_HUB_CACHE", str(cache))
+    hub = resolve_model("someone/tiny-flux")
+    assert hub.path == repo / "snapshots" / "0123abcd" and hub.name == "someone/tiny-flux"
+    with pytest.raises(UsageError, match="not in the local Hugging Face cache"):
+        resolve_model("someone/absent")
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_flux, broken)
+    shutil.rmtree(broken / "tokenizer_2")
+    with pytest.raises(UsageError, match="no tokenizer_2/ folder"):
+        resolve_model(str(broken))
+
+
+def test_toy_model_comes_from_trainer_toy(tiny_flux, monkeypatch):
+    import sys
+    import types
+
+    from trainer.models import resolve_model
+
+    fake = types.ModuleType("trainer.toy")
+    fake.TOY_MODEL_DIR = tiny_flux
+    monkeypatch.setitem(sys.modules, "trainer.toy", fake)
+    info = resolve_model("toy")
+    assert info.path == tiny_flux and info.name == "toy"
+    monkeypatch.setitem(sys.modules, "trainer.toy", None)  # not installed
+    with pytest.raises(UsageError, match="MODEL 'toy': the toy model is not available"):
+        resolve_model("toy")

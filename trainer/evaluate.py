@@ -47,7 +47,7 @@ def register(sub) -> None:
                                 "expected labels: 'a red circle<TAB>colour=red,shape=circle'.",
                     example="python -m trainer evaluate --model toy --adapter runs/red/adapter.safetensors \\\n"
                             "    --prompts explicit=red_eval.txt --prompts benign=benign_eval.txt --seeds 0,1,2 \\\n"
-                            "    --sampling-steps 20 --out runs/red")
+                            "    --steps 20 --out runs/red")
     add_config_flags(p, "evaluate")
     p.add_argument("--stack", action="store_true", help="also evaluate all adapters applied together")
     p.set_defaults(func=run)

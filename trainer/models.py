@@ -121,12 +121,14 @@ def resolve_model(spec: str, *, need: tuple[str, ...] = tuple(LAYOUT)) -> ModelI
         nd, ns, inc = int(tcfg["num_layers"]), int(tcfg["num_single_layers"]), int(tcfg["in_channels"])
     except (KeyError, TypeError, ValueError) as e:
         raise UsageError(f"MODEL {spec!r}: transformer/config.json is not a FluxTransformer2DModel config (no {e})") from None
-    vae_scale, sample = 8, 1024
+    vae_scale, sample = 0, 0  # unknown without a VAE config: generation/training then need height/width
     if (path / "vae" / "config.json").is_file():
         vcfg = _read_json(path / "vae" / "config.json", spec)
-        vae_scale = 2 ** (len(vcfg.get("block_out_channels", [0] * 4)) - 1)
-        sample = int(vcfg.get("sample_size", sample) if not isinstance(vcfg.get("sample_size"), list)
-                     else vcfg["sample_size"][0])
+        if not isinstance(vcfg.get("block_out_channels"), list):
+            raise UsageError(f"MODEL {spec!r}: vae/config.json has no block_out_channels")
+        vae_scale = 2 ** (len(vcfg["block_out_channels"]) - 1)  # the VAE halves the size per extra level
+        size = vcfg.get("sample_size", 0)
+        sample = int(size[0] if isinstance(size, list) else size or 0)
     t5_max = 0
     tok_cfg = path / "tokenizer_2" / "tokenizer_config.json"
     if tok_cfg.is_file():
@@ -157,6 +159,8 @@ def max_sequence_length(info: ModelInfo, requested: int) -> int:
 def image_size(info: ModelInfo, height: int, width: int) -> tuple[int, int]:
     """Pixel size: the requested one or the VAE's sample size; must fit the latent packing."""
     h, w = height or info.sample_size, width or info.sample_size
+    if not (h and w and info.vae_scale_factor):
+        raise UsageError(f"MODEL {info.spec!r}: no VAE sample size in its config; set height and width")
     mult = info.vae_scale_factor * 2  # VAE downsampling × 2×2 latent packing
     if h % mult or w % mult:
         raise UsageError(f"height/width {h}×{w} must be multiples of {mult} for this model")
