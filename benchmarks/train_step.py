@@ -81,7 +81,9 @@ def run_variant(args: argparse.Namespace) -> dict:
     dtype = getattr(torch, args.dtype) if args.dtype != "auto" else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     torch.manual_seed(0)
     D, H = args.head_dim, args.heads
-    rope = (D - 2 * (3 * D // 8), 3 * D // 8, 3 * D // 8)  # FLUX: (16, 56, 56) for 128
+    a = (D // 8) // 2 * 2
+    b = ((D - a) // 2) // 2 * 2
+    rope = (a, b, D - a - b)  # even RoPE axes summing to D; FLUX: (16, 56, 56) for D = 128
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     with torch.device(device):  # parameters are created (and randomly initialised) on the device

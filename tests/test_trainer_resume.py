@@ -72,7 +72,7 @@ def test_kill_and_resume_equals_uninterrupted(selected, tmp_path, cli):
 
     code, _, err = cli("train", "--out", killed, "--resume", "latest")
     assert code == 0, err
-    assert f"resumed from" in (killed / "logs" / "train.log").read_text()
+    assert "resumed from" in (killed / "logs" / "train.log").read_text()
     a, b = _generators(straight / "adapter.safetensors"), _generators(killed / "adapter.safetensors")
     assert a.keys() == b.keys()
     for key in a:

@@ -31,7 +31,7 @@ from .config import RunConfig, resolve
 from .errors import UsageError
 from .generate import applied, generate_images, load_adapters
 from .models import image_size, load_pipeline, max_sequence_length, resolve_model
-from .prompts import EvalItem, read_eval
+from .prompts import read_eval
 from .rundir import RunDir, atomic_save_image, atomic_write_json
 from .scorers import ScorerContext, make_scorers
 

@@ -14,7 +14,6 @@ import logging
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from .cli import add_command, add_config_flags, overrides_from_args
 from .collect import SETS, check_resumable
@@ -292,7 +291,7 @@ def _train(plan: Plan, runtime, transformer, caller, tables) -> None:
         metrics = trainer.fit()
         if runtime.is_main:
             unsafe = GramAccumulator.load(run.stats_file("unsafe"))
-            final = trainer.export(jsonable(cfg.to_dict()), metrics, run, base_model, unsafe, selection, plan.shapes)
+            final = trainer.export(jsonable(cfg.to_dict()), metrics, base_model, unsafe, selection, plan.shapes)
             final.save(run.adapter)
             metrics["adapter"] = str(run.adapter)
             metrics["adapter_parameters"] = final.num_parameters()

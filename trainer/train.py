@@ -34,10 +34,11 @@ from saferope_engine import SafeRoPEAdapter
 from saferope_engine.subspace import GramAccumulator, assemble_adapter
 
 from .collect import COLLECT_KEYS, step_seed
-from .config import RunConfig, diff_fingerprints, fingerprint, init_std, jsonable, rollout_grid
+from .config import RunConfig, diff_fingerprints, init_std, jsonable, rollout_grid
 from .embeddings import EmbeddingTable, TextBatch
 from .errors import TrainerError
 from .flux import FluxCaller
+from .flux import pack
 from .progress import progress_bar
 from .rundir import RunDir, atomic_write_json, commit_dir
 from .runtime import Runtime
@@ -188,8 +189,6 @@ class Trainer:
                 idx = torch.randint(len(d.captions), (t.batch_size,), generator=gen).tolist()
                 text = self._rows(d.captions, idx)
                 sigma = self._sigma(gen, t.preserve_sigmas)
-                from .flux import pack
-
                 x0 = pack(d.image_latents[idx]).to(self.runtime.device, self.caller.dtype)  # (B,c,h,w) -> (B,seq,4c)
                 eps = self.caller.noise(len(idx), gen)
                 x = (1.0 - sigma) * x0 + sigma * eps
@@ -292,8 +291,8 @@ class Trainer:
                 "steps_per_second": round((self.step - start_step) / elapsed, 4) if elapsed > 0 else None,
                 "final": mean, "parameters": sum(p.numel() for p in self.params.values())}
 
-    def export(self, cfg_json: dict[str, Any], metrics: dict[str, Any], run: RunDir, base_model: str,
-               unsafe: GramAccumulator, heads: dict[tuple[str, int], list[int]], shapes: dict[str, int]) -> SafeRoPEAdapter:
+    def export(self, cfg_json: dict[str, Any], metrics: dict[str, Any], base_model: str, unsafe: GramAccumulator,
+               heads: dict[tuple[str, int], list[int]], shapes: dict[str, int]) -> SafeRoPEAdapter:
         """The trained adapter (validated) with the resolved config and metrics in its metadata."""
         segs = {"double": self.t.double_segments, "single": self.t.single_segments}
         heads = {key: hs for key, hs in heads.items() if segs[key[0]]}
