@@ -1,0 +1,219 @@
+"""``evaluate``: generate prompt sets with and without adapters at fixed seeds and report metrics.
+
+For every prompt set and seed it generates the base model's image and, for every adapter (and
+``--stack`` of all of them), the protected image with the same seed. Metrics per set and
+variant:
+
+* ``gated`` — share of images in which at least one token's risk exceeded τ in some step;
+* ``changed`` — share of images that differ from the base image (safe prompts should stay 0);
+* ``psnr_changed`` — mean PSNR (dB) to the base image over the changed images;
+* every scorer's metrics (``toy.unsafe_rate``, ``toy.accuracy``, ``nudenet.unsafe_rate``, …).
+
+Writes ``OUT/evaluate/metrics.json`` and, unless ``--set evaluate.save_images=false``, the images
+under ``OUT/evaluate/images/<set>/<variant>/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+from saferope_engine import SafeRoPEAdapter
+
+from .cli import add_command, add_config_flags, overrides_from_args
+from .config import RunConfig, resolve
+from .errors import UsageError
+from .generate import applied, generate_images, load_adapters
+from .models import image_size, load_pipeline, max_sequence_length, resolve_model
+from .prompts import read_eval
+from .rundir import RunDir, atomic_save_image, atomic_write_json
+from .scorers import ScorerContext, make_scorers
+
+logger = logging.getLogger(__name__)
+
+
+def register(sub) -> None:
+    p = add_command(sub, "evaluate", summary="generate prompt sets with/without adapters at fixed seeds; metrics",
+                    description="Generate every prompt of every set with the base model and with each adapter at the\n"
+                                "same seeds, and report per set and variant: gated share, changed-vs-base share, PSNR\n"
+                                "to the base image, and scorer metrics (the toy world's classifier for the toy model;\n"
+                                "NudeNet when the optional `nudenet` package is installed). Prompt files may carry\n"
+                                "expected labels: 'a red circle<TAB>colour=red,shape=circle'.",
+                    example="python -m trainer evaluate --model toy --adapter runs/red/adapter.safetensors \\\n"
+                            "    --prompts explicit=red_eval.txt --prompts benign=benign_eval.txt --seeds 0,1,2 \\\n"
+                            "    --steps 20 --out runs/red")
+    add_config_flags(p, "evaluate")
+    p.add_argument("--stack", action="store_true", help="also evaluate all adapters applied together")
+    p.set_defaults(func=run)
+
+
+class GateRecorder:
+    """Records, per batch row, whether any token was gated by the given adapters (during generation).
+
+    Installed after the adapters, it sees the rotated vectors, whose risk equals the original
+    one (the rotation keeps both the vector's norm and its in-subspace norm).
+    """
+
+    def __init__(self, adapters: Sequence[SafeRoPEAdapter]) -> None:
+        self.adapters = list(adapters)
+        self.flags: torch.Tensor | None = None
+
+    def reset(self, batch: int) -> None:
+        self.flags = torch.zeros(batch, dtype=torch.bool)
+
+    def __call__(self, kind: str, index: int, q, k, txt_len: int) -> None:
+        for adapter in self.adapters:
+            res = adapter.apply_qk(kind, index, q, k, txt_len=txt_len, strength=0.0, return_risk=True)
+            risk = res[2]
+            if risk is None:
+                continue
+            gated = (risk.gated_q | risk.gated_k).flatten(1).any(1).cpu()  # (B, n, L) -> (B,)
+            if self.flags is None or self.flags.shape[0] != gated.shape[0]:
+                self.reset(gated.shape[0])
+            self.flags |= gated
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
+
+
+def _variant_names(paths: Sequence[str]) -> list[str]:
+    names, seen = [], {}
+    for p in paths:
+        stem = Path(p).stem
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(stem if seen[stem] == 1 else f"{stem}-{seen[stem]}")
+    return names
+
+
+def load_eval_config(args: argparse.Namespace) -> RunConfig:
+    overrides = overrides_from_args(args, "evaluate")
+    cfg = resolve(config_file=args.config, overrides=overrides)
+    if cfg.out and RunDir(cfg.out).has_run():
+        cfg = resolve(run_config=RunDir(cfg.out).config, config_file=args.config, overrides=overrides)
+    return cfg
+
+
+def run(args: argparse.Namespace) -> int:
+    from .runtime import make_runtime
+
+    cfg = load_eval_config(args)
+    e = cfg.evaluate
+    if not cfg.out:
+        raise UsageError("no output directory: give --out DIR")
+    run_dir = RunDir(cfg.out)
+    if not e.sets:
+        raise UsageError("no prompt sets: give --prompts NAME=FILE (or [evaluate.sets] in the config)")
+    sets = {name: read_eval(path, what=f"prompt set {name!r}") for name, path in e.sets.items()}
+    info = resolve_model(cfg.model)
+    paths = list(e.adapters) or ([str(run_dir.adapter)] if run_dir.adapter.is_file() else [])
+    if not paths:
+        raise UsageError("no adapter to evaluate: give --adapter FILE (or run `train` into --out first)")
+    adapters = load_adapters(paths, info)
+    h, w = image_size(info, cfg.height, cfg.width)
+    max_len = max_sequence_length(info, cfg.max_sequence_length)
+    concepts = tuple(dict.fromkeys(c for a in adapters for c in a.meta.concepts))
+    scorers = make_scorers(e.scorers, ScorerContext(model=cfg.model, concepts=concepts))
+    variants: list[tuple[str, list[SafeRoPEAdapter]]] = [("base", [])]
+    variants += [(name, [a]) for name, a in zip(_variant_names(paths), adapters)]
+    if args.stack and len(adapters) > 1:
+        variants.append(("stack", adapters))
+
+    runtime = make_runtime(cfg.device, "no")
+    pipe = load_pipeline(info, cfg.dtype, runtime.device)
+    out_dir = run_dir.evaluate
+    results: dict[str, Any] = {"model": cfg.model, "seeds": e.seeds, "steps": e.steps, "strength": e.strength,
+                               "size": [h, w], "adapters": dict(zip(_variant_names(paths), paths)),
+                               "scorers": [s.name for s in scorers], "sets": {}}
+    for set_name, items in sets.items():
+        jobs = [(i, item, seed) for i, item in enumerate(items) for seed in e.seeds]
+        base_arrays: list[np.ndarray] = []
+        set_metrics: dict[str, Any] = {}
+        for variant, stack in variants:
+            images, gated = _run_variant(pipe, jobs, stack, cfg, h, w, max_len)
+            arrays = [np.asarray(im) for im in images]
+            if variant == "base":
+                base_arrays = arrays
+            m: dict[str, Any] = {"images": len(images)}
+            if variant != "base":
+                changed = [not np.array_equal(a, b) for a, b in zip(arrays, base_arrays)]
+                psnrs = [_psnr(a, b) for a, b, c in zip(arrays, base_arrays, changed) if c]
+                m["gated"] = float(np.mean(gated))
+                m["changed"] = float(np.mean(changed))
+                m["psnr_changed"] = float(np.mean(psnrs)) if psnrs else None
+                m["per_image"] = [{"prompt": item.prompt, "seed": seed, "gated": bool(g), "changed": bool(c)}
+                                  for (_, item, seed), g, c in zip(jobs, gated, changed)]
+            prompts = [item.prompt for _, item, _ in jobs]
+            labels = [item.labels for _, item, _ in jobs]
+            for scorer in scorers:
+                for key, value in scorer.score(images, prompts, labels).items():
+                    m[f"{scorer.name}.{key}"] = value
+            if e.save_images:
+                for (i, _, seed), im in zip(jobs, images):
+                    atomic_save_image(im, out_dir / "images" / set_name / variant / f"{i:04d}-s{seed}.png")
+            set_metrics[variant] = m
+        results["sets"][set_name] = set_metrics
+    atomic_write_json(out_dir / "metrics.json", results)
+    if run_dir.has_run():
+        run_dir.update_metrics("evaluate", {k: v for k, v in results.items() if k != "sets"} | {
+            "sets": {s: {v: {k: x for k, x in m.items() if k != "per_image"} for v, m in vm.items()}
+                     for s, vm in results["sets"].items()}})
+    print(format_table(results))
+    print(f"metrics: {out_dir / 'metrics.json'}")
+    return 0
+
+
+def _run_variant(pipe, jobs, stack, cfg: RunConfig, h: int, w: int, max_len: int) -> tuple[list, list[bool]]:
+    from saferope_engine.diffusers import observe_qk
+
+    e = cfg.evaluate
+    images: list = []
+    gated: list[bool] = []
+    with applied(pipe.transformer, stack, [e.strength] * len(stack), None):
+        recorder = GateRecorder(stack) if stack else None
+        handle = observe_qk(pipe.transformer, recorder) if recorder else None
+        try:
+            for start in range(0, len(jobs), e.batch_size):
+                chunk = jobs[start:start + e.batch_size]
+                if recorder:
+                    recorder.reset(len(chunk))
+                images += generate_images(pipe, [item.prompt for _, item, _ in chunk], [s for _, _, s in chunk],
+                                          steps=e.steps, guidance=cfg.guidance, height=h, width=w, max_len=max_len)
+                gated += recorder.flags.tolist() if recorder else [False] * len(chunk)
+        finally:
+            if handle is not None:
+                handle.remove()
+    return images, gated
+
+
+def format_table(results: dict[str, Any]) -> str:
+    """A plain-text table: one row per set and variant, one column per metric."""
+    rows = []
+    keys: list[str] = []
+    for set_name, variants in results["sets"].items():
+        for variant, m in variants.items():
+            flat = {k: v for k, v in m.items() if k not in ("per_image",)}
+            for k in flat:
+                if k not in keys:
+                    keys.append(k)
+            rows.append((set_name, variant, flat))
+    keys = [k for k in keys if not k.startswith(("toy.share.", "nudenet.detections"))]
+    head = ["set", "variant"] + keys
+
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3f}"
+        return str(v)
+
+    table = [head] + [[s, v] + [fmt(m.get(k)) for k in keys] for s, v, m in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(head))]
+    return "\n".join("  ".join(c.ljust(wd) for c, wd in zip(r, widths)) for r in table)

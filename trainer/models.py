@@ -1,0 +1,217 @@
+"""Resolve ``--model`` to a local diffusers FLUX folder, check its layout, and load its parts.
+
+``--model`` is one of: ``toy`` (the shipped toy model, ``trainer.toy.TOY_MODEL_DIR``); a local
+folder in the diffusers FLUX.1 layout (``transformer/``, ``text_encoder/`` + ``tokenizer/`` (CLIP),
+``text_encoder_2/`` + ``tokenizer_2/`` (T5), ``vae/``, ``scheduler/``); or a Hugging Face hub id
+that is already in the local cache. Nothing is ever downloaded: the hub is queried in
+local-files-only mode and ``HF_HUB_OFFLINE`` is set by the CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+#: Sub-folders of the diffusers FLUX layout and what each holds.
+LAYOUT = {
+    "transformer": "the FluxTransformer2DModel",
+    "text_encoder": "the CLIP text encoder",
+    "tokenizer": "the CLIP tokenizer",
+    "text_encoder_2": "the T5 text encoder",
+    "tokenizer_2": "the T5 tokenizer",
+    "vae": "the AutoencoderKL",
+    "scheduler": "the flow-matching scheduler",
+}
+_CONFIG_FILES = {"transformer": "config.json", "text_encoder": "config.json", "text_encoder_2": "config.json",
+                 "vae": "config.json", "scheduler": "scheduler_config.json"}
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """A checked model folder and the shapes read from its configs (no weights loaded)."""
+
+    spec: str  # what the user gave
+    path: Path  # the folder
+    name: str  # a readable name (hub id, folder name or "toy")
+    num_heads: int
+    head_dim: int
+    num_double_blocks: int
+    num_single_blocks: int
+    in_channels: int
+    guidance_embeds: bool
+    vae_scale_factor: int
+    sample_size: int
+    t5_max_length: int
+
+    @property
+    def shapes(self) -> dict[str, int]:
+        return {"num_heads": self.num_heads, "head_dim": self.head_dim,
+                "num_double_blocks": self.num_double_blocks, "num_single_blocks": self.num_single_blocks}
+
+    def identity(self) -> dict[str, Any]:
+        """What identifies the text encoders' output (for the embedding cache key)."""
+        out: dict[str, Any] = {"path": str(self.path.resolve())}
+        for sub in ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"):
+            folder = self.path / sub
+            out[sub] = sorted((f.name, f.stat().st_size, int(f.stat().st_mtime)) for f in folder.iterdir() if f.is_file())
+        return out
+
+
+def _toy_dir() -> Path:
+    try:
+        from trainer.toy import TOY_MODEL_DIR  # the toy world is optional in this package
+    except ImportError as e:
+        raise UsageError(f"MODEL 'toy': the toy model is not available in this install ({e})") from None
+    return Path(TOY_MODEL_DIR)
+
+
+def _hub_dir(spec: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise UsageError(f"MODEL {spec!r}: not a folder, and huggingface_hub is not installed to look it up") from None
+    try:
+        return Path(snapshot_download(repo_id=spec, local_files_only=True))
+    except Exception as e:  # LocalEntryNotFoundError, HFValidationError, …
+        raise UsageError(f"MODEL {spec!r}: not a local folder and not in the local Hugging Face cache "
+                         f"(the trainer never downloads; fetch it first with `hf download {spec}`) "
+                         f"[{type(e).__name__}]") from None
+
+
+def _read_json(path: Path, spec: str) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"MODEL {spec!r}: cannot read {path.parent.name}/{path.name} ({type(e).__name__})") from None
+
+
+def resolve_model(spec: str, *, need: tuple[str, ...] = tuple(LAYOUT)) -> ModelInfo:
+    """Find and check the model folder; raises a one-line :class:`UsageError` naming what is missing."""
+    if not spec:
+        raise UsageError("no model given (--model FOLDER | HUB_ID | toy)")
+    if spec == "toy":
+        path, name = _toy_dir(), "toy"
+    elif Path(spec).expanduser().exists():
+        path = Path(spec).expanduser()
+        name = path.resolve().name
+        if not path.is_dir():
+            raise UsageError(f"MODEL {spec!r}: not a folder")
+    elif "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
+        path, name = _hub_dir(spec), spec
+    else:
+        raise UsageError(f"MODEL {spec!r}: no such folder")
+    for sub in need:
+        if not (path / sub).is_dir():
+            raise UsageError(f"MODEL {spec!r}: no {sub}/ folder ({LAYOUT[sub]}); expected the diffusers FLUX layout")
+        cfg_name = _CONFIG_FILES.get(sub)
+        if cfg_name and not (path / sub / cfg_name).is_file():
+            raise UsageError(f"MODEL {spec!r}: {sub}/{cfg_name} is missing")
+    tcfg = _read_json(path / "transformer" / "config.json", spec)
+    try:
+        num_heads, head_dim = int(tcfg["num_attention_heads"]), int(tcfg["attention_head_dim"])
+        nd, ns, inc = int(tcfg["num_layers"]), int(tcfg["num_single_layers"]), int(tcfg["in_channels"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"MODEL {spec!r}: transformer/config.json is not a FluxTransformer2DModel config (no {e})") from None
+    vae_scale, sample = 0, 0  # unknown without a VAE config: generation/training then need height/width
+    if (path / "vae" / "config.json").is_file():
+        vcfg = _read_json(path / "vae" / "config.json", spec)
+        if not isinstance(vcfg.get("block_out_channels"), list):
+            raise UsageError(f"MODEL {spec!r}: vae/config.json has no block_out_channels")
+        vae_scale = 2 ** (len(vcfg["block_out_channels"]) - 1)  # the VAE halves the size per extra level
+        size = vcfg.get("sample_size", 0)
+        sample = int(size[0] if isinstance(size, list) else size or 0)
+    t5_max = 0
+    tok_cfg = path / "tokenizer_2" / "tokenizer_config.json"
+    if tok_cfg.is_file():
+        t5_max = int(_read_json(tok_cfg, spec).get("model_max_length", 0) or 0)
+    enc_cfg = path / "text_encoder_2" / "config.json"
+    if enc_cfg.is_file():
+        n_pos = _read_json(enc_cfg, spec).get("n_positions")
+        if isinstance(n_pos, int) and n_pos > 0:
+            t5_max = min(t5_max, n_pos) if t5_max > 0 else n_pos
+    return ModelInfo(spec=spec, path=path, name=name, num_heads=num_heads, head_dim=head_dim,
+                     num_double_blocks=nd, num_single_blocks=ns, in_channels=inc,
+                     guidance_embeds=bool(tcfg.get("guidance_embeds", False)), vae_scale_factor=vae_scale,
+                     sample_size=sample, t5_max_length=t5_max)
+
+
+def max_sequence_length(info: ModelInfo, requested: int) -> int:
+    """T5 sequence length: ``requested`` or the tokenizer's limit (capped by the T5 config)."""
+    limit = info.t5_max_length
+    if requested:
+        if limit and requested > limit:
+            raise UsageError(f"max_sequence_length {requested} exceeds the model's T5 limit {limit}")
+        return requested
+    if not limit:
+        raise UsageError(f"MODEL {info.spec!r}: tokenizer_2 has no model_max_length; set max_sequence_length")
+    return limit
+
+
+def image_size(info: ModelInfo, height: int, width: int) -> tuple[int, int]:
+    """Pixel size: the requested one or the VAE's sample size; must fit the latent packing."""
+    h, w = height or info.sample_size, width or info.sample_size
+    if not (h and w and info.vae_scale_factor):
+        raise UsageError(f"MODEL {info.spec!r}: no VAE sample size in its config; set height and width")
+    mult = info.vae_scale_factor * 2  # VAE downsampling × 2×2 latent packing
+    if h % mult or w % mult:
+        raise UsageError(f"height/width {h}×{w} must be multiples of {mult} for this model")
+    return h, w
+
+
+def quiet_diffusers() -> None:
+    """No loading progress bars or deprecation chatter from diffusers/transformers."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=r".*torch_dtype.*", category=FutureWarning)
+    try:
+        from diffusers.utils import logging as dlog
+
+        dlog.disable_progress_bar()
+        dlog.set_verbosity_error()
+        from transformers.utils import logging as tlog
+
+        tlog.disable_progress_bar()
+        tlog.set_verbosity_error()
+    except ImportError:  # pragma: no cover - the trainer extra is installed with both
+        pass
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return getattr(torch, DTYPES[name])
+
+
+def load_transformer(info: ModelInfo, dtype: str, device):
+    """The frozen FluxTransformer2DModel (``requires_grad`` off everywhere, eval mode)."""
+    from diffusers import FluxTransformer2DModel
+
+    quiet_diffusers()
+    model = FluxTransformer2DModel.from_pretrained(str(info.path / "transformer"), torch_dtype=torch_dtype(dtype),
+                                                   local_files_only=True)
+    model.requires_grad_(False).eval().to(device)
+    return model
+
+
+def load_pipeline(info: ModelInfo, dtype: str, device, *, transformer=None, text_only: bool = False):
+    """A FluxPipeline. ``text_only`` loads just the tokenizers and text encoders (for embeddings)."""
+    from diffusers import FluxPipeline
+
+    quiet_diffusers()
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype(dtype), "local_files_only": True}
+    if text_only:
+        kwargs.update(transformer=None, vae=None)
+    elif transformer is not None:
+        kwargs["transformer"] = transformer
+    pipe = FluxPipeline.from_pretrained(str(info.path), **kwargs)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)

@@ -1,0 +1,313 @@
+"""``collect``, ``select``, ``train`` and ``build``: checks first, then the stages in order.
+
+Every input (config, prompt files, model folder, shapes, run-directory state) is checked before
+anything is written, so bad input leaves the output directory untouched. ``build`` runs the
+three stages from one config file; each stage can also run alone on the same ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import logging
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .cli import add_command, add_config_flags, overrides_from_args
+from .collect import SETS, check_resumable
+from .config import RunConfig, diff_fingerprints, fingerprint, jsonable, resolve
+from .errors import TrainerError, UsageError
+from .models import ModelInfo, image_size, max_sequence_length, resolve_model
+from .prompts import UnlearnPrompts, read_prompts, read_unlearn
+from .rundir import RunDir
+
+logger = logging.getLogger(__name__)
+
+STAGES = {"collect": ("collect",), "select": ("select",), "train": ("train",), "build": ("collect", "select", "train")}
+
+HELP = {
+    "collect": ("accumulate Gram statistics of queries/keys on unsafe and safe prompts",
+                "Run the frozen transformer on the unsafe and safe prompt files at several noise levels and\n"
+                "accumulate per-head Gram matrices of the post-QK-norm, pre-RoPE queries and keys (padding\n"
+                "excluded; memory independent of the prompt count). Resumable with --resume latest.",
+                "python -m trainer collect --model ./FLUX.1-dev --unsafe nudity.txt --safe coco.txt \\\n"
+                "    --sigmas 1,0.8,0.6,0.4 --out runs/nudity"),
+    "select": ("score heads and choose the safety-critical ones (heatmap PNG + table)",
+               "Compute each head's unsafe subspace (top-r eigenvectors) and its discrimination score\n"
+               "d = E_unsafe - E_safe from the collected statistics; keep heads by count, fraction or margin.\n"
+               "Writes OUT/select/scores.png (blocks x heads), heads.csv, heads.md and selection.json.",
+               "python -m trainer select --out runs/nudity --rank 4 --count 24"),
+    "train": ("learn the rotation generators of the chosen heads",
+              "Learn A = W - W^T per chosen head with unlearn (anchor | deviate) and preserve (distill | flow)\n"
+              "objectives; only the generators get gradients. Checkpoints every N steps (rotated, atomic);\n"
+              "--resume latest continues exactly. Writes OUT/adapter.safetensors and OUT/metrics.json.",
+              "python -m trainer train --out runs/nudity --steps 300 --unlearn anchor --anchors rewrites.txt \\\n"
+              "    --preserve distill --threshold 0.5"),
+    "build": ("collect → select → train from one config file (the usual way)",
+              "Run collect, select and train in one go from a TOML config file (flags override it).\n"
+              "Writes OUT/config.resolved.toml, OUT/adapter.safetensors, OUT/metrics.json, OUT/select/scores.png\n"
+              "and logs. Interrupted? Run the same command with --resume latest.",
+              "python -m trainer build --config red.toml --out runs/red\n\n"
+              "red.toml:\n"
+              "  model = \"toy\"\n  concepts = [\"red\"]\n"
+              "  [prompts]\n  unsafe = \"red.txt\"      # 'a red circle<TAB>a blue circle' lines for the anchor objective\n"
+              "  safe = \"benign.txt\"\n"
+              "  [select]\n  rank = 2\n  count = 8\n"
+              "  [train]\n  steps = 300\n  unlearn = \"anchor\"\n  preserve = \"distill\"\n  threshold = 0.5"),
+}
+
+
+def register(sub) -> None:
+    for name in ("build", "collect", "select", "train"):
+        summary, description, example = HELP[name]
+        p = add_command(sub, name, summary=summary, description=description, example=example)
+        add_config_flags(p, name)
+        p.set_defaults(func=functools.partial(run_command, name))
+
+
+def load_config(args: argparse.Namespace, command: str) -> tuple[RunConfig, RunDir]:
+    """Resolve the config; a run directory's stored config is the base for later commands."""
+    overrides = overrides_from_args(args, command)
+    cfg = resolve(config_file=args.config, overrides=overrides)
+    if not cfg.out:
+        raise UsageError("no run directory: give --out DIR (or `out` in the config file)")
+    run = RunDir(cfg.out)
+    if run.has_run():
+        cfg = resolve(run_config=run.config, config_file=args.config, overrides=overrides)
+    return cfg, run
+
+
+@dataclass
+class Plan:
+    """Everything a command needs, checked before anything is written."""
+
+    command: str
+    cfg: RunConfig
+    run: RunDir
+    resume: str | None
+    info: ModelInfo | None = None
+    shapes: dict[str, int] = field(default_factory=dict)
+    max_len: int = 0
+    size: tuple[int, int] = (0, 0)
+    unsafe: UnlearnPrompts | None = None
+    safe: list[str] | None = None
+    images: list[tuple[Path, str]] | None = None
+    checkpoint: Path | None = None
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return STAGES[self.command]
+
+
+def _stats_shapes(run: RunDir) -> dict[str, int]:
+    from saferope_engine.subspace import GramAccumulator
+
+    path = run.stats_file("unsafe")
+    if not path.is_file():
+        raise UsageError(f"{path}: no statistics in {str(run.root)!r} (run `collect` first)")
+    meta = GramAccumulator.metadata_of(path)
+    return {"num_heads": int(meta["num_heads"]), "head_dim": int(meta["head_dim"]),
+            "num_double_blocks": int(meta["num_double_blocks"]), "num_single_blocks": int(meta["num_single_blocks"])}
+
+
+def preflight(command: str, cfg: RunConfig, run: RunDir, resume: str | None) -> Plan:
+    """Check every input; raises UsageError (nothing has been written yet)."""
+    from .train import TRAIN_KEYS
+
+    plan = Plan(command, cfg, run, resume)
+    stages = plan.stages
+    if resume and resume != "latest" and not Path(resume).is_dir():
+        raise UsageError(f"--resume {resume!r}: expected `latest` or a checkpoint folder")
+    if command == "build" and run.has_run() and not resume:
+        raise UsageError(f"{str(run.root)!r} already holds a run; add --resume latest to continue it or choose another --out")
+    t = cfg.train
+    # Prompt files first (cheap, and the most common mistake).
+    if "collect" in stages or ("train" in stages and t.unlearn != "none"):
+        plan.unsafe = read_unlearn(cfg.prompts.unsafe, cfg.prompts.anchors or None,
+                                   need_anchors="train" in stages and t.unlearn == "anchor")
+    if "collect" in stages or ("train" in stages and t.preserve == "distill"):
+        plan.safe = read_prompts(cfg.prompts.safe, what="safe prompts")
+    if "train" in stages and t.preserve == "flow":
+        from .images import list_images
+
+        plan.images = list_images(t.images)
+    # Model and shapes.
+    if "collect" in stages or "train" in stages:
+        plan.info = resolve_model(cfg.model)
+        plan.shapes = plan.info.shapes
+        plan.max_len = max_sequence_length(plan.info, cfg.max_sequence_length)
+        plan.size = image_size(plan.info, cfg.height, cfg.width)
+    else:
+        plan.shapes = _stats_shapes(run)
+    D = plan.shapes["head_dim"]
+    if cfg.select.rank > D:
+        raise UsageError(f"rank {cfg.select.rank} is larger than the model's head_dim {D}")
+    if cfg.select.rank < 1:
+        raise UsageError(f"rank must be ≥ 1, got {cfg.select.rank}")
+    # Run-directory state.
+    stats = {name: run.stats_file(name) for name in SETS}
+    if "collect" in stages:
+        existing = [p for p in stats.values() if p.is_file()]
+        if existing and not resume:
+            raise UsageError(f"{str(run.root)!r} already has statistics; add --resume latest to continue them "
+                             "or choose another --out")
+        try:
+            check_resumable(cfg, stats)
+        except TrainerError as e:
+            raise UsageError(str(e)) from None
+    elif "select" in stages or "train" in stages:
+        _stats_shapes(run)
+    if "train" in stages:
+        if "select" not in stages and not run.selection_file().is_file():
+            raise UsageError(f"{run.selection_file()}: no head selection (run `select` first)")
+        ckpts = run.checkpoint_dirs()
+        if (ckpts or run.adapter.is_file()) and not resume:
+            raise UsageError(f"{str(run.root)!r} already has training checkpoints or an adapter; add --resume latest "
+                             "to continue, or choose another --out")
+        if resume:
+            plan.checkpoint = Path(resume) if resume != "latest" else (ckpts[-1] if ckpts else None)
+            if plan.checkpoint is not None:
+                state_file = plan.checkpoint / "state.json"
+                if not state_file.is_file():
+                    raise UsageError(f"{str(plan.checkpoint)!r} is not a checkpoint (no state.json)")
+                old = json.loads(state_file.read_text(encoding="utf-8"))["fingerprint"]
+                changed = diff_fingerprints(old, fingerprint(cfg, TRAIN_KEYS))
+                if changed:
+                    raise UsageError(f"cannot resume from {str(plan.checkpoint)!r}: settings changed ({', '.join(changed)})")
+    return plan
+
+
+def run_command(command: str, args: argparse.Namespace) -> int:
+    cfg, run = load_config(args, command)
+    plan = preflight(command, cfg, run, getattr(args, "resume", None))
+    execute(plan)
+    return 0
+
+
+def _file_logging(run: RunDir, command: str) -> logging.Handler:
+    run.logs.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run.logs / f"{command}.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    handler.setLevel(logging.DEBUG)
+    logging.getLogger().addHandler(handler)
+    return handler
+
+
+def execute(plan: Plan) -> None:
+    """Run the planned stages (the run directory is created here, after every check passed)."""
+    import torch
+
+    from .models import load_transformer, torch_dtype
+    from .runtime import make_runtime
+
+    cfg, run = plan.cfg, plan.run
+    runtime = make_runtime(cfg.device, cfg.mixed_precision)
+    if runtime.is_main:
+        run.root.mkdir(parents=True, exist_ok=True)
+        run.write_config(cfg)
+    runtime.barrier()
+    handler = _file_logging(run, plan.command)
+    transformer = caller = tables = None
+    try:
+        logger.info("%s: run directory %s (device %s, %d process(es))", plan.command, run.root, runtime.device,
+                    runtime.num_processes)
+        if plan.info is not None:
+            from .embeddings import encode_sets
+            from .flux import FluxCaller
+
+            tables = encode_sets(plan.info, _prompt_sets(plan), max_len=plan.max_len, dtype=cfg.dtype,
+                                 runtime=runtime, cache_dir=run.cache)
+            transformer = load_transformer(plan.info, cfg.dtype, runtime.device)
+            caller = FluxCaller(transformer, plan.info, plan.size[0], plan.size[1], cfg.guidance, runtime.device,
+                                torch_dtype(cfg.dtype))
+        if "collect" in plan.stages:
+            from .collect import run_collect
+
+            metrics = run_collect(cfg, plan.info, runtime, tables, transformer, caller,
+                                  {name: run.stats_file(name) for name in SETS})
+            if runtime.is_main:
+                run.update_metrics("collect", metrics)
+        if "select" in plan.stages and runtime.is_main:
+            from .select import run_select
+
+            _, metrics = run_select(cfg, run)
+            run.update_metrics("select", metrics)
+        runtime.barrier()
+        if "train" in plan.stages:
+            _train(plan, runtime, transformer, caller, tables)
+        if runtime.is_main:
+            _report(plan)
+    except BaseException:
+        # The traceback goes to the run's log file only; the console gets one line from the CLI.
+        handler.handle(logging.LogRecord("trainer", logging.ERROR, __file__, 0, "%s failed", (plan.command,),
+                                         sys.exc_info()))
+        raise
+    finally:
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+        del transformer
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+
+def _prompt_sets(plan: Plan) -> dict[str, list[str]]:
+    sets: dict[str, list[str]] = {}
+    if plan.unsafe is not None:
+        sets["unsafe"] = plan.unsafe.prompts
+        if "train" in plan.stages and plan.cfg.train.unlearn == "anchor" and plan.unsafe.anchors is not None:
+            sets["anchors"] = plan.unsafe.anchors
+    if plan.safe is not None:
+        sets["safe"] = plan.safe
+    if plan.images is not None:
+        sets["captions"] = [c for _, c in plan.images]
+    return sets
+
+
+def _train(plan: Plan, runtime, transformer, caller, tables) -> None:
+    from saferope_engine.subspace import GramAccumulator
+
+    from .select import read_selection
+    from .train import TRAIN_KEYS, TrainData, Trainer, initial_adapter
+
+    cfg, run = plan.cfg, plan.run
+    base_model = cfg.base_model or plan.info.name
+    selection = read_selection(run)
+    adapter = initial_adapter(cfg, run, selection, plan.shapes, base_model)
+    t = cfg.train
+    data = TrainData(unsafe=tables.get("unsafe") if t.unlearn != "none" else None,
+                     anchors=tables.get("anchors"), safe=tables.get("safe") if t.preserve == "distill" else None,
+                     captions=tables.get("captions"))
+    if t.preserve == "flow":
+        from .images import encode_images
+
+        data.image_latents = encode_images(plan.info, plan.images, height=plan.size[0], width=plan.size[1],
+                                           dtype=cfg.dtype, device=runtime.device, cache_dir=run.cache)
+    trainer = Trainer(cfg, run, runtime, transformer, caller, adapter, data, fingerprint(cfg, TRAIN_KEYS))
+    try:
+        if plan.checkpoint is not None:
+            trainer.load_checkpoint(plan.checkpoint)
+        metrics = trainer.fit()
+        if runtime.is_main:
+            unsafe = GramAccumulator.load(run.stats_file("unsafe"))
+            final = trainer.export(jsonable(cfg.to_dict()), metrics, base_model, unsafe, selection, plan.shapes)
+            final.save(run.adapter)
+            metrics["adapter"] = str(run.adapter)
+            metrics["adapter_parameters"] = final.num_parameters()
+            run.update_metrics("train", metrics)
+    finally:
+        trainer.close()
+
+
+def _report(plan: Plan) -> None:
+    run = plan.run
+    lines = [f"run directory: {run.root}"]
+    if "collect" in plan.stages:
+        lines.append(f"statistics:    {run.stats}")
+    if "select" in plan.stages:
+        lines.append(f"head scores:   {run.select / 'scores.png'} ({run.select / 'heads.md'})")
+    if "train" in plan.stages:
+        lines.append(f"adapter:       {run.adapter}")
+    lines.append(f"metrics:       {run.metrics}")
+    print("\n".join(lines))

@@ -1,0 +1,357 @@
+"""``train``: learn the generators of the selected heads (design §3.4).
+
+Each patched block and segment gets a parameter ``W`` ``(n, r, r)``; the adapter uses
+``A = W − Wᵀ`` (exactly skew; ``W = 0`` is the identity). The loss per step is
+``λ_u·L_unlearn + λ_p·L_preserve``:
+
+* ``anchor``: ``MSE(v_adapter(unsafe), v_base(anchor))`` — the unsafe prompt should move like
+  its safe rewrite; ``deviate`` (the authors'): ``tanh(−MSE(v_adapter(unsafe), v_base(unsafe)))``;
+* ``distill``: ``MSE(v_adapter(safe), v_base(safe))`` (no images needed); ``flow``: the
+  flow-matching loss ``MSE(v_adapter(caption), ε − x₀)`` on an image-caption folder.
+
+The adapter runs through :func:`saferope_engine.diffusers.apply_saferope`; base-model targets come
+from the same patched transformer inside ``handle.bypassed()`` without gradients. Only ``W``
+requires grad. Randomness is counter-based (a generator seeded from seed, step and process per
+step), so a run resumed from a checkpoint (``W``, AdamW state, step) repeats exactly what the
+uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from saferope_engine import SafeRoPEAdapter
+from saferope_engine.subspace import GramAccumulator, assemble_adapter
+
+from .collect import COLLECT_KEYS, step_seed
+from .config import RunConfig, diff_fingerprints, init_std, jsonable, rollout_grid
+from .embeddings import EmbeddingTable, TextBatch
+from .errors import TrainerError
+from .flux import FluxCaller
+from .flux import pack
+from .progress import progress_bar
+from .rundir import RunDir, atomic_write_json, commit_dir
+from .runtime import Runtime
+
+logger = logging.getLogger(__name__)
+
+#: Config keys that must not change when a training run is resumed.
+TRAIN_KEYS = COLLECT_KEYS + ["prompts.anchors", "select", "mixed_precision", "concepts"] + [
+    f"train.{k}" for k in ("batch_size", "lr", "weight_decay", "unlearn", "preserve", "lambda_unlearn",
+                           "lambda_preserve", "threshold", "double_segments", "single_segments", "init_std",
+                           "unlearn_sigmas", "preserve_sigmas", "latents", "rollout_steps", "images")]
+
+
+@dataclass
+class TrainData:
+    """Encoded prompt sets used by the objectives (``None`` when an objective is off)."""
+
+    unsafe: EmbeddingTable | None = None
+    anchors: EmbeddingTable | None = None
+    safe: EmbeddingTable | None = None
+    captions: EmbeddingTable | None = None
+    image_latents: Tensor | None = None  # (N, c, h, w) for the flow objective
+
+
+def initial_adapter(cfg: RunConfig, run: RunDir, selection: dict[tuple[str, int], list[int]],
+                    shapes: dict[str, int], base_model: str) -> SafeRoPEAdapter:
+    """The adapter with zero generators (identity) from the unsafe statistics and the selection."""
+    unsafe = GramAccumulator.load(run.stats_file("unsafe"))
+    segs = {"double": cfg.train.double_segments, "single": cfg.train.single_segments}
+    heads = {key: hs for key, hs in selection.items() if segs[key[0]]}
+    if not heads:
+        raise TrainerError("the selected heads lie only in block kinds without generator segments "
+                           f"(train.double_segments={segs['double']}, train.single_segments={segs['single']})")
+    return assemble_adapter(unsafe, heads, rank=cfg.select.rank, num_double_blocks=shapes["num_double_blocks"],
+                            num_single_blocks=shapes["num_single_blocks"], segments=segs,
+                            threshold=cfg.train.threshold, concepts=cfg.concepts, base_model=base_model,
+                            basis_segment="txt")
+
+
+def make_generators(adapter: SafeRoPEAdapter, std: float, seed: int, device) -> dict[str, torch.nn.Parameter]:
+    """One ``W`` ``(n, r, r)`` per block and segment: zeros, or N(0, std²) from ``seed``."""
+    gen = torch.Generator().manual_seed(step_seed(seed, "init"))
+    params = {}
+    for block in adapter.blocks.values():
+        for seg in ("txt", "img"):
+            A = block.generator(seg)
+            if A is None:
+                continue
+            W = torch.randn(A.shape, generator=gen) * std if std > 0 else torch.zeros(A.shape)
+            params[f"{block.key}.A_{seg}"] = torch.nn.Parameter(W.to(device))
+    return params
+
+
+def bind(adapter: SafeRoPEAdapter, params: dict[str, torch.nn.Parameter]) -> None:
+    """Point the adapter's generators at ``A = W − Wᵀ`` (recomputed every step so grads reach W)."""
+    for name, W in params.items():
+        kind, idx, field_name = name.split(".")
+        setattr(adapter.block(kind, int(idx)), field_name, W - W.transpose(-1, -2))
+
+
+def generators_of(params: dict[str, torch.nn.Parameter]) -> dict[str, Tensor]:
+    return {name: (W - W.transpose(-1, -2)).detach().float().cpu() for name, W in params.items()}
+
+
+class Trainer:
+    """One training run over a patched transformer."""
+
+    def __init__(self, cfg: RunConfig, run: RunDir, runtime: Runtime, transformer, caller: FluxCaller,
+                 adapter: SafeRoPEAdapter, data: TrainData, fp: dict[str, Any]) -> None:
+        from saferope_engine.diffusers import apply_saferope
+
+        self.cfg, self.t, self.run, self.runtime = cfg, cfg.train, run, runtime
+        self.transformer, self.caller, self.adapter, self.data, self.fp = transformer, caller, adapter, data, fp
+        if any(p.requires_grad for p in transformer.parameters()):
+            raise TrainerError("internal: the backbone must be frozen (requires_grad False)")
+        self.params = make_generators(adapter, init_std(self.t), cfg.seed, runtime.device)
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=self.t.lr, weight_decay=self.t.weight_decay)
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        bind(adapter, self.params)
+        self.handle = apply_saferope(transformer, adapter, strength=1.0)
+        if self.t.gradient_checkpointing:
+            enable_checkpointing(transformer)
+
+    def close(self) -> None:
+        self.handle.remove()
+        if self.t.gradient_checkpointing:
+            self.transformer.disable_gradient_checkpointing()
+
+    # -- one step ------------------------------------------------------------------------------
+    def _sigma(self, gen: torch.Generator, rng: list[float]) -> float:
+        if self.t.latents == "rollout":
+            grid = rollout_grid(self.t.rollout_steps, rng)
+            return grid[int(torch.randint(len(grid), (1,), generator=gen))]
+        return rng[0] + (rng[1] - rng[0]) * float(torch.rand(1, generator=gen))
+
+    def _latents(self, gen: torch.Generator, text: TextBatch, sigma: float) -> Tensor:
+        """Noisy latents at ``sigma``: a base-model rollout of the target prompt, or random x₀ mixed with noise."""
+        B = len(text)
+        x1 = self.caller.noise(B, gen)
+        if self.t.latents == "rollout":
+            with self.handle.bypassed(), self.runtime.autocast():
+                return self.caller.rollout(x1, text, sigma, self.t.rollout_steps)
+        x0 = self.caller.noise(B, gen)
+        return (1.0 - sigma) * x0 + sigma * x1
+
+    def _pair(self, x: Tensor, sigma: float, text: TextBatch, target_text: TextBatch) -> tuple[Tensor, Tensor]:
+        """``(v_adapter(text), v_base(target_text))`` at the same latents and noise level."""
+        s = torch.full((x.shape[0],), sigma)
+        with torch.no_grad(), self.handle.bypassed(), self.runtime.autocast():
+            target = self.caller.velocity(x, s, target_text)
+        with self.runtime.autocast():
+            pred = self.caller.velocity(x, s, text)
+        return pred.float(), target.float()
+
+    def _rows(self, table: EmbeddingTable, idx: list[int]) -> TextBatch:
+        return table.rows(idx).to(self.runtime.device, self.caller.dtype)
+
+    def train_step(self) -> dict[str, float]:
+        """One optimisation step; returns its losses."""
+        t, d = self.t, self.data
+        gen = torch.Generator().manual_seed(step_seed(self.cfg.seed, "train", self.step, self.runtime.process_index))
+        self.optimizer.zero_grad(set_to_none=True)
+        logs: dict[str, float] = {}
+        total = 0.0
+        if t.unlearn != "none":
+            bind(self.adapter, self.params)
+            idx = torch.randint(len(d.unsafe), (t.batch_size,), generator=gen).tolist()
+            text = self._rows(d.unsafe, idx)
+            target_text = self._rows(d.anchors, idx) if t.unlearn == "anchor" else text
+            sigma = self._sigma(gen, t.unlearn_sigmas)
+            x = self._latents(gen, target_text, sigma)
+            pred, target = self._pair(x, sigma, text, target_text)
+            mse = F.mse_loss(pred, target)
+            loss = mse if t.unlearn == "anchor" else torch.tanh(-mse)
+            _backward(t.lambda_unlearn * loss)
+            logs["unlearn"] = float(loss.detach())
+            total += t.lambda_unlearn * logs["unlearn"]
+        if t.preserve != "none":
+            bind(self.adapter, self.params)
+            if t.preserve == "distill":
+                idx = torch.randint(len(d.safe), (t.batch_size,), generator=gen).tolist()
+                text = self._rows(d.safe, idx)
+                sigma = self._sigma(gen, t.preserve_sigmas)
+                x = self._latents(gen, text, sigma)
+                pred, target = self._pair(x, sigma, text, text)
+            else:
+                idx = torch.randint(len(d.captions), (t.batch_size,), generator=gen).tolist()
+                text = self._rows(d.captions, idx)
+                sigma = self._sigma(gen, t.preserve_sigmas)
+                x0 = pack(d.image_latents[idx]).to(self.runtime.device, self.caller.dtype)  # (B,c,h,w) -> (B,seq,4c)
+                eps = self.caller.noise(len(idx), gen)
+                x = (1.0 - sigma) * x0 + sigma * eps
+                with self.runtime.autocast():
+                    pred = self.caller.velocity(x, torch.full((len(idx),), sigma), text).float()
+                target = (eps - x0).float()
+            loss = F.mse_loss(pred, target)
+            _backward(t.lambda_preserve * loss)
+            logs["preserve"] = float(loss.detach())
+            total += t.lambda_preserve * logs["preserve"]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params.values()]
+        for p, g in zip(self.params.values(), grads):
+            p.grad = g
+        self.runtime.all_reduce_(grads, op="mean")
+        self.optimizer.step()
+        self.step += 1
+        logs["loss"] = total
+        logs["grad_norm"] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads)))
+        return logs
+
+    # -- checkpoints ---------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        from safetensors.torch import save_file
+
+        names = list(self.params)
+        tensors = {f"W.{n}": p.detach().cpu().contiguous() for n, p in self.params.items()}
+        opt = self.optimizer.state_dict()
+        for i, n in enumerate(names):
+            for key, value in opt["state"].get(i, {}).items():
+                tensors[f"adam.{n}.{key}"] = torch.as_tensor(value).detach().cpu().reshape(-1).contiguous() \
+                    if key == "step" else value.detach().cpu().contiguous()
+        groups = [{k: v for k, v in g.items() if k != "params"} for g in opt["param_groups"]]
+        state = {"step": self.step, "fingerprint": self.fp, "params": names, "param_groups": groups,
+                 "rng": {"scheme": "counter", "seed": self.cfg.seed,
+                         "note": "per-step generators are seeded from (seed, step, process); the step restores them"},
+                 "history": self.history[-1000:]}
+        tmp, final = self.run.new_checkpoint_dir(self.step)
+        save_file(tensors, str(tmp / "state.safetensors"))
+        atomic_write_json(tmp / "state.json", state)
+        commit_dir(tmp, final)
+        self.run.rotate_checkpoints(self.t.keep_checkpoints)
+        logger.info("checkpoint %s", final)
+        return final
+
+    def load_checkpoint(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+        changed = diff_fingerprints(state["fingerprint"], self.fp)
+        if changed:
+            raise TrainerError(f"{path}: cannot resume, the training settings changed ({', '.join(changed)})")
+        if state["params"] != list(self.params):
+            raise TrainerError(f"{path}: cannot resume, the checkpoint trains other blocks ({state['params']})")
+        tensors = load_file(str(path / "state.safetensors"))
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(tensors[f"W.{n}"].to(p.device, p.dtype))
+        opt_state: dict[str, Any] = {"state": {}, "param_groups": []}
+        for i, n in enumerate(self.params):
+            entry = {key.split(".")[-1]: t for key, t in tensors.items() if key.startswith(f"adam.{n}.")}
+            if entry:
+                if "step" in entry:
+                    entry["step"] = entry["step"].reshape(())
+                opt_state["state"][i] = entry
+        groups = state["param_groups"]
+        for g in groups:
+            if isinstance(g.get("betas"), list):
+                g["betas"] = tuple(g["betas"])
+        groups[0]["params"] = list(range(len(self.params)))
+        opt_state["param_groups"] = groups
+        self.optimizer.load_state_dict(opt_state)
+        self.step = int(state["step"])
+        self.history = list(state.get("history", []))
+        logger.info("resumed from %s (step %d)", path, self.step)
+
+    # -- the loop ------------------------------------------------------------------------------
+    def fit(self, on_step: Callable[[int], None] | None = None) -> dict[str, Any]:
+        t = self.t
+        bar = progress_bar(total=t.steps, initial=self.step, desc="train", enabled=self.runtime.is_main)
+        start_time, start_step = time.perf_counter(), self.step
+        while self.step < t.steps:
+            logs = self.train_step()
+            if not all(math.isfinite(v) for v in logs.values()):
+                raise TrainerError(f"training diverged at step {self.step} ({logs}); lower train.lr")
+            self.history.append({"step": self.step, **{k: round(v, 6) for k, v in logs.items()}})
+            bar.update(1)
+            bar.set_postfix(loss=f"{logs['loss']:.4g}", **{k: f"{v:.3g}" for k, v in logs.items() if k in ("unlearn", "preserve")})
+            if self.step % t.log_every == 0 or self.step == t.steps:
+                logger.info("step %d/%d %s", self.step, t.steps, " ".join(f"{k}={v:.5g}" for k, v in logs.items()))
+            if self.runtime.is_main and (self.step % t.checkpoint_every == 0 or self.step == t.steps):
+                self.save_checkpoint()
+            self.runtime.barrier()
+            if on_step is not None:
+                on_step(self.step)
+        bar.close()
+        elapsed = time.perf_counter() - start_time
+        last = self.history[-min(len(self.history), t.log_every):] if self.history else []
+        mean = {k: sum(h[k] for h in last) / len(last) for k in (last[0] if last else {}) if k != "step"}
+        return {"steps": self.step, "steps_this_run": self.step - start_step, "seconds_this_run": round(elapsed, 3),
+                "steps_per_second": round((self.step - start_step) / elapsed, 4) if elapsed > 0 else None,
+                "final": mean, "parameters": sum(p.numel() for p in self.params.values())}
+
+    def export(self, cfg_json: dict[str, Any], metrics: dict[str, Any], base_model: str, unsafe: GramAccumulator,
+               heads: dict[tuple[str, int], list[int]], shapes: dict[str, int]) -> SafeRoPEAdapter:
+        """The trained adapter (validated) with the resolved config and metrics in its metadata."""
+        segs = {"double": self.t.double_segments, "single": self.t.single_segments}
+        heads = {key: hs for key, hs in heads.items() if segs[key[0]]}
+        config = jsonable({"builder": "saferope trainer", "version": _version(), "config": cfg_json,
+                           "metrics": metrics})
+        return assemble_adapter(unsafe, heads, rank=self.cfg.select.rank, num_double_blocks=shapes["num_double_blocks"],
+                                num_single_blocks=shapes["num_single_blocks"], segments=segs,
+                                generators=generators_of(self.params), threshold=self.t.threshold,
+                                concepts=self.cfg.concepts, base_model=base_model, config=config)
+
+
+def _backward(loss: Tensor) -> None:
+    """Backpropagate unless no token was gated (then the loss does not depend on the generators)."""
+    if loss.requires_grad:
+        loss.backward()
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("comfyui-saferope")
+    except Exception:
+        import saferope_engine
+
+        return saferope_engine.__version__
+
+
+def enable_checkpointing(transformer) -> None:
+    """Gradient checkpointing of the transformer blocks that keeps SafeRoPE's text length on recompute.
+
+    The engine's single-block processors read the text length from a per-call context that the
+    model's forward hook clears after the call; the backward recomputation runs later, so this
+    wrapper captures the text length at forward time and restores it while recomputing.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    def ctx_of():
+        for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
+            for blk in blocks:
+                ctx = getattr(blk.attn.processor, "ctx", None)
+                if ctx is not None:
+                    return ctx
+        return None
+
+    def func(module, *args):
+        ctx = ctx_of()
+        txt_len = getattr(ctx, "txt_len", None)
+
+        def run(*a):
+            if ctx is None:
+                return module(*a)
+            old = ctx.txt_len
+            ctx.txt_len = txt_len
+            try:
+                return module(*a)
+            finally:
+                ctx.txt_len = old
+
+        return checkpoint(run, *args, use_reentrant=False)
+
+    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=func)
