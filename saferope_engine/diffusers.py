@@ -236,6 +236,10 @@ def _install(transformer, keys: list[tuple[str, int]], *, layer: _Layer | None =
     if owns_hooks:
         ctx.hooks.append(transformer.register_forward_pre_hook(_make_pre_hook(ctx), with_kwargs=True))
         ctx.hooks.append(transformer.register_forward_hook(_make_post_hook(ctx)))
+        # Each single block also reports the text length it is called with, so that a block re-run
+        # later (gradient checkpointing recomputes during backward) still sees its own call's split.
+        for blk in transformer.single_transformer_blocks:
+            ctx.hooks.append(blk.register_forward_pre_hook(_make_block_pre_hook(ctx), with_kwargs=True))
     for (kind, idx), new in installed.items():
         _attn_module(transformer, kind, idx).set_processor(new)
         ctx.expected.add(new.key)
@@ -263,9 +267,18 @@ def _make_pre_hook(ctx: _CallContext):
     return pre_hook
 
 
+def _make_block_pre_hook(ctx: _CallContext):
+    def block_pre_hook(module, args, kwargs):
+        enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
+        if isinstance(enc, Tensor) and enc.ndim == 3:  # diffusers ≥ 0.35 passes the text stream separately
+            ctx.txt_len = int(enc.shape[1])
+        return None
+
+    return block_pre_hook
+
+
 def _make_post_hook(ctx: _CallContext):
     def post_hook(module, args, output):
-        # txt_len stays set: gradient checkpointing re-runs the blocks during backward, after this hook.
         missing = ctx.expected - ctx.ran
         if missing:
             raise HookNotRunError(f"SafeRoPE: patched blocks {sorted(missing)} did not run their SafeRoPE "

@@ -121,7 +121,7 @@ class Trainer:
         bind(adapter, self.params)
         self.handle = apply_saferope(transformer, adapter, strength=1.0)
         if self.t.gradient_checkpointing:
-            enable_checkpointing(transformer)
+            transformer.enable_gradient_checkpointing()  # the engine keeps each block's text split on recompute
 
     def close(self) -> None:
         self.handle.remove()
@@ -321,37 +321,3 @@ def _version() -> str:
         return saferope_engine.__version__
 
 
-def enable_checkpointing(transformer) -> None:
-    """Gradient checkpointing of the transformer blocks that keeps SafeRoPE's text length on recompute.
-
-    The engine's single-block processors read the text length from a per-call context that the
-    model's forward hook clears after the call; the backward recomputation runs later, so this
-    wrapper captures the text length at forward time and restores it while recomputing.
-    """
-    from torch.utils.checkpoint import checkpoint
-
-    def ctx_of():
-        for blocks in (transformer.transformer_blocks, transformer.single_transformer_blocks):
-            for blk in blocks:
-                ctx = getattr(blk.attn.processor, "ctx", None)
-                if ctx is not None:
-                    return ctx
-        return None
-
-    def func(module, *args):
-        ctx = ctx_of()
-        txt_len = getattr(ctx, "txt_len", None)
-
-        def run(*a):
-            if ctx is None:
-                return module(*a)
-            old = ctx.txt_len
-            ctx.txt_len = txt_len
-            try:
-                return module(*a)
-            finally:
-                ctx.txt_len = old
-
-        return checkpoint(run, *args, use_reentrant=False)
-
-    transformer.enable_gradient_checkpointing(gradient_checkpointing_func=func)
