@@ -1,0 +1,33 @@
+"""SafeRoPE nodes for ComfyUI (V1 node API, which every ComfyUI from 0.3.x to 0.20 loads).
+
+Node ids are permanent — saved workflows reference them — and never renamed:
+
+* ``SafeRoPEAdapterLoader`` — "Load SafeRoPE Adapter"
+* ``SafeRoPEApply`` — "Apply SafeRoPE to Model"
+* ``SafeRoPELRSVisualizer`` — "LRS Visualizer"
+
+Importing this package registers the ``saferope`` model folder when ComfyUI is running and does
+nothing else; without ComfyUI it imports cleanly (the node classes import ComfyUI lazily).
+"""
+
+from __future__ import annotations
+
+from . import folders
+from .apply import SafeRoPEApply
+from .loader import SafeRoPEAdapterLoader
+from .visualizer import SafeRoPELRSVisualizer
+
+folders.register()
+
+NODE_CLASS_MAPPINGS = {
+    "SafeRoPEAdapterLoader": SafeRoPEAdapterLoader,
+    "SafeRoPEApply": SafeRoPEApply,
+    "SafeRoPELRSVisualizer": SafeRoPELRSVisualizer,
+}
+NODE_DISPLAY_NAME_MAPPINGS = {
+    "SafeRoPEAdapterLoader": "Load SafeRoPE Adapter",
+    "SafeRoPEApply": "Apply SafeRoPE to Model",
+    "SafeRoPELRSVisualizer": "LRS Visualizer",
+}
+
+__all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

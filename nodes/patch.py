@@ -1,0 +1,238 @@
+"""The hook objects that put SafeRoPE between ComfyUI's Flux QK-norm and RoPE, and fail closed.
+
+Two ways in, chosen per model by :func:`.compat.flux_info` (see :mod:`.install`):
+
+* ``attn1`` — :class:`Attn1Patch`, registered with ``clone.set_model_attn1_patch``. Recent
+  ComfyUI (0.17+) calls it in both Flux blocks right after QK-norm, before RoPE, with joint
+  ``(B, H, L, D)`` q/k (text tokens first) and ``extra_options`` holding ``block_type``,
+  ``block_index`` and ``img_slice = [txt_len, L]``.
+* ``object`` — :class:`NormPatch`, a per-clone object patch of a QK-norm module's ``forward``
+  (``double_blocks.i.txt_attn.norm``, ``….img_attn.norm``, ``single_blocks.j.norm``) for
+  versions whose blocks do not call attn1_patch. Double blocks normalise text and image
+  separately, so each half is transformed on its own (the transform is per token, so this is
+  the same math); single blocks get the joint sequence, whose text length the patch on the last
+  double block's text norm observes (it is exactly the text entering the single blocks).
+
+Both are paired with a :class:`DiffusionModelWrapper` (one per layer, registered with
+``add_wrapper_with_key(DIFFUSION_MODEL, "saferope", …)``). Per model call it
+
+1. decides from the call's sigmas whether the layer is inside its start/end range,
+2. opens a fresh :class:`CallRecord` and publishes it in a :class:`~contextvars.ContextVar`
+   for the duration of the call only (object patches receive no transformer_options, so the
+   record cannot travel with the arguments; a context variable is scoped to this call on this
+   thread and is reset afterwards, so nothing leaks between calls, models or clones),
+3. runs the model, then raises :class:`HookNotRunError` if any hook site the layer needs did not
+   run while the layer was active — e.g. another node replaced a block, a cache skipped blocks,
+   or this ComfyUI does not call the hook we rely on. Outside the range nothing is expected.
+
+A hook that runs without its wrapper's record (the model was called outside ComfyUI's sampler
+machinery) raises as well: without the record it cannot know the noise level or text length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from contextvars import ContextVar
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Callable, Iterator, Mapping, Protocol
+
+import torch
+from torch import Tensor
+
+from ..saferope_engine.core import BlockRisk
+from ..saferope_engine.errors import HookNotRunError, SafeRoPEError
+from .layer import SafeRoPELayer
+
+logger = logging.getLogger(__name__)
+
+_EMPTY: Mapping[str, "CallRecord"] = MappingProxyType({})
+#: token of a layer -> its record, for the model call(s) in progress on this thread.
+_CALLS: ContextVar[Mapping[str, "CallRecord"]] = ContextVar("saferope_calls", default=_EMPTY)
+#: where risk scores go during the LRS visualizer's model evaluation (None otherwise).
+_SINK: ContextVar["RiskSink | None"] = ContextVar("saferope_risk_sink", default=None)
+
+
+class RiskSink(Protocol):
+    """Receives :class:`BlockRisk` of every hook site during one model call."""
+
+    closed: bool
+
+    def add(self, layer: SafeRoPELayer, kind: str, index: int, part: str, risk: BlockRisk, *,
+            rotated: bool) -> None: ...
+
+    def close(self) -> None: ...
+
+
+@contextlib.contextmanager
+def collect_risk(sink: RiskSink) -> Iterator[RiskSink]:
+    """Route risk scores of the next model call on this thread into ``sink``."""
+    token = _SINK.set(sink)
+    try:
+        yield sink
+    finally:
+        _SINK.reset(token)
+
+
+@dataclass(eq=False)
+class CallRecord:
+    """What one layer needs to know, and saw, during one model call."""
+
+    layer: SafeRoPELayer
+    active: bool
+    context_len: int | None = None  # text length from the call's arguments (fallback only)
+    sink: RiskSink | None = None
+    seen: set[str] = field(default_factory=set)
+    txt_len: int | None = None  # text length observed at the last double block (object mode)
+
+    def text_length(self) -> int:
+        """Number of text tokens leading the joint sequence of the single blocks."""
+        n = self.txt_len if self.txt_len is not None else self.context_len
+        if n is None:
+            raise HookNotRunError(f"SafeRoPE ({self.layer.name}): text length of this model call is unknown; "
+                                  "refusing to run unprotected")
+        return n
+
+    def missing(self) -> list[str]:
+        """Hook sites that should have run in this call and did not."""
+        return sorted(self.layer.sites() - self.seen) if self.active else []
+
+
+def record_for(layer: SafeRoPELayer, where: str) -> CallRecord:
+    """The record of ``layer`` for the model call in progress; raises when there is none."""
+    rec = _CALLS.get().get(layer.token)
+    if rec is None:
+        raise HookNotRunError(
+            f"SafeRoPE ({layer.name}): the {where} hook ran outside a model call prepared by ComfyUI's "
+            "sampler (its DIFFUSION_MODEL wrapper did not run), so the noise level and text length are "
+            "unknown; refusing to run unprotected")
+    return rec
+
+
+class Attn1Patch:
+    """``attn1_patch`` callable for Flux blocks that call it before RoPE (ComfyUI 0.17+)."""
+
+    def __init__(self, layer: SafeRoPELayer) -> None:
+        self.layer = layer
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, pe: Any = None, attn_mask: Any = None,
+                 extra_options: Mapping[str, Any] | None = None, **_: Any) -> dict[str, Tensor]:
+        opts = extra_options or {}
+        kind, index = opts.get("block_type"), opts.get("block_index")
+        if kind not in ("double", "single") or not isinstance(index, int):
+            raise SafeRoPEError(f"SafeRoPE ({self.layer.name}): attn1_patch called without a Flux block_type/"
+                                f"block_index (got {kind!r}, {index!r}); this model is not supported")
+        if not self.layer.patches(kind, index):
+            return {}  # no work for blocks the adapter leaves alone
+        rec = record_for(self.layer, "attn1_patch")
+        img_slice = opts.get("img_slice")
+        txt_len = int(img_slice[0]) if img_slice else rec.text_length()  # q: (B, H, txt_len + img, D)
+        q, k = self.layer.transform(kind, index, q, k, txt_len=txt_len, part="joint", record=rec)
+        rec.seen.add(f"{kind}.{index}")
+        return {"q": q, "k": k}
+
+    def to(self, *args: Any, **kwargs: Any) -> "Attn1Patch":
+        """ComfyUI moves/casts patches; the engine keeps float32 device copies per device itself."""
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "Attn1Patch":
+        return self  # stateless apart from the immutable layer
+
+
+class NormPatch:
+    """Object patch replacing one QK-norm module's ``forward(q, k, v) -> (q, k)`` on a clone.
+
+    Runs the original normalisation (the class's own ``forward``, or an object patch that was
+    already on this clone — e.g. another pack's — passed as ``inner``), then every SafeRoPE
+    layer of the clone in application order.
+    """
+
+    def __init__(self, kind: str, index: int, part: str, module: torch.nn.Module,
+                 layers: tuple[SafeRoPELayer, ...], *, inner: Callable | None = None, probe: bool = False) -> None:
+        self.kind, self.index, self.part = kind, index, part
+        self.module, self.layers, self.inner, self.probe = module, layers, inner, probe
+        self.site = f"double.{index}.{part}" if kind == "double" else f"single.{index}"
+
+    def with_layer(self, layer: SafeRoPELayer, *, probe: bool) -> "NormPatch":
+        """A new patch that also runs ``layer`` after the present ones (for chained Apply nodes)."""
+        return NormPatch(self.kind, self.index, self.part, self.module, self.layers + (layer,),
+                         inner=self.inner, probe=self.probe or probe)
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.inner is not None:
+            q, k = self.inner(q, k, v)
+        else:
+            q, k = type(self.module).forward(self.module, q, k, v)  # (B, H, L, D) each
+        for layer in self.layers:
+            rec = record_for(layer, f"QK-norm ({self.site})")
+            if self.probe:
+                rec.txt_len = int(q.shape[2])  # text stream of the last double block
+            if not layer.patches(self.kind, self.index):
+                continue
+            txt_len = {"txt": q.shape[2], "img": 0}.get(self.part)
+            if txt_len is None:
+                txt_len = rec.text_length()
+            q, k = layer.transform(self.kind, self.index, q, k, txt_len=int(txt_len), part=self.part, record=rec)
+            rec.seen.add(self.site)
+        return q, k
+
+
+def _transformer_options(args: tuple, kwargs: Mapping[str, Any]) -> Mapping[str, Any]:
+    opts = kwargs.get("transformer_options")
+    if isinstance(opts, Mapping):
+        return opts
+    for a in reversed(args):  # Flux: (x, timestep, context, y, guidance, ref_latents, control, transformer_options)
+        if isinstance(a, Mapping):
+            return a
+    return {}
+
+
+def _sigmas(args: tuple, opts: Mapping[str, Any]) -> list[float] | None:
+    s = opts.get("sigmas")
+    if s is None and len(args) > 1 and isinstance(args[1], Tensor):
+        s = args[1]  # Flux's timestep argument is sigma
+    if s is None:
+        return None
+    return [float(x) for x in torch.as_tensor(s).detach().flatten().tolist()]
+
+
+def _context_len(args: tuple, kwargs: Mapping[str, Any]) -> int | None:
+    ctx = kwargs.get("context", args[2] if len(args) > 2 else None)
+    return int(ctx.shape[1]) if isinstance(ctx, Tensor) and ctx.ndim == 3 else None  # (B, L_txt, C)
+
+
+class DiffusionModelWrapper:
+    """DIFFUSION_MODEL wrapper of one layer: per-call record, sampling range, fail-closed check."""
+
+    def __init__(self, layer: SafeRoPELayer) -> None:
+        self.layer = layer
+
+    def __call__(self, executor: Callable, *args: Any, **kwargs: Any) -> Any:
+        opts = _transformer_options(args, kwargs)
+        sink = _SINK.get()
+        rec = CallRecord(self.layer, active=self.layer.active_at(_sigmas(args, opts)),
+                         context_len=_context_len(args, kwargs),
+                         sink=None if sink is None or sink.closed else sink)
+        token = _CALLS.set(MappingProxyType({**_CALLS.get(), self.layer.token: rec}))
+        try:
+            out = executor(*args, **kwargs)
+        finally:
+            _CALLS.reset(token)
+        if rec.sink is not None:
+            rec.sink.close()  # the visualizer reads one model call
+        missing = rec.missing()
+        if missing:
+            how = "attn1_patch" if self.layer.mode == "attn1" else "QK-norm object patch"
+            raise HookNotRunError(
+                f"SafeRoPE ({self.layer.name}): the {how} did not run for {missing} during this model call "
+                "although the adapter is active at this noise level — another node may have replaced or "
+                "skipped these blocks (block replacement, caching), or this ComfyUI does not call the hook. "
+                "Refusing to return an unprotected result.")
+        return out
+
+    def to(self, *args: Any, **kwargs: Any) -> "DiffusionModelWrapper":
+        return self
+
+    def __deepcopy__(self, memo: dict) -> "DiffusionModelWrapper":
+        return self

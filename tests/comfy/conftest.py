@@ -1,0 +1,65 @@
+"""Fixtures of the ComfyUI-backed tests: a ComfyUI tree from ``COMFYUI_PATH``, the driver's results.
+
+Run them with a Python that has ComfyUI's requirements, e.g.
+
+    COMFYUI_PATH=/path/to/ComfyUI /path/to/comfy-venv/bin/python -m pytest tests/comfy
+
+(or any pytest plus ``COMFYUI_PYTHON=/path/to/comfy-venv/bin/python``). Without ``COMFYUI_PATH``
+every test here is skipped. ComfyUI itself always runs in a child process (comfy_driver.py, or
+main.py for the HTTP test) whose ``sys.path`` never holds this repository.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
+SKIP_REASON = ("COMFYUI_PATH is not set (or is not a ComfyUI tree): the ComfyUI-backed tests need a ComfyUI "
+               "checkout; see the README section 'ComfyUI nodes' for the command")
+
+
+def comfy_python() -> str:
+    """The interpreter that runs ComfyUI: ``COMFYUI_PYTHON`` or the one running pytest."""
+    return os.environ.get("COMFYUI_PYTHON") or sys.executable
+
+
+@pytest.fixture(scope="session")
+def comfyui_path() -> Path:
+    path = os.environ.get("COMFYUI_PATH")
+    if not path or not (Path(path) / "comfy" / "model_patcher.py").is_file():
+        pytest.skip(SKIP_REASON)
+    return Path(path).resolve()
+
+
+@pytest.fixture(scope="session")
+def driver(comfyui_path: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Runs every scenario of driver_scenarios.py once in a ComfyUI process; returns the results."""
+    work = tmp_path_factory.mktemp("comfy_driver")
+    out = work / "results.json"
+    cmd = [comfy_python(), str(HERE / "comfy_driver.py"), "--comfyui", str(comfyui_path), "--work", str(work),
+           "--out", str(out)]
+    proc = subprocess.run(cmd, cwd=str(work), capture_output=True, text=True, timeout=1800)
+    if proc.returncode != 0 or not out.is_file():
+        pytest.fail(f"the ComfyUI driver failed (exit {proc.returncode}):\n{proc.stderr[-6000:]}")
+    results = json.loads(out.read_text())
+    results["work"] = str(work)
+    return results
+
+
+@pytest.fixture
+def scenario(driver: dict):
+    """``scenario(name)``: one scenario's observations; fails the test with the driver's traceback if it raised."""
+    def get(name: str) -> dict:
+        r = driver[name]
+        if "error" in r:
+            pytest.fail(f"scenario {name!r} raised in ComfyUI {driver['info']['version']}: {r['error']}\n"
+                        f"{r.get('traceback', '')}")
+        return r
+    return get

@@ -1,0 +1,48 @@
+"""The LRS visualizer in a real ComfyUI: one model evaluation, a readable image and a summary."""
+
+from __future__ import annotations
+
+import re
+
+import pytest
+
+pytestmark = pytest.mark.comfyui
+
+
+def test_unsafe_prompt_shows_its_trigger_tokens_gated(driver, scenario):
+    r = scenario("visualizer")
+    s = r["unsafe_summary"]
+    assert f"text tokens gated in any block: {r['triggers']} of 12" in s
+    top = re.search(r"top tokens: (.*)", s).group(1)
+    assert {int(t) for t in re.findall(r"#(\d+)", top)[: r["triggers"]]} == set(range(1, 1 + r["triggers"]))
+    assert float(re.search(r"max text risk ([0-9.]+)", s).group(1)) > 0.9
+    assert "d0 25.0% / 0.0%" in s  # 3 of 12 text tokens, both heads
+
+
+def test_safe_prompt_gates_nothing(driver, scenario):
+    s = scenario("visualizer")["safe_summary"]
+    assert "text tokens gated in any block: 0 of 12" in s
+    assert float(re.search(r"max text risk ([0-9.]+)", s).group(1)) < 0.5
+
+
+def test_image_output_is_a_comfyui_image(driver, scenario):
+    r = scenario("visualizer")
+    b, h, w, c = r["image_shape"]
+    assert (b, c) == (1, 3) and h > 200 and w > 400 and r["image_dtype"] == "torch.float32"
+    assert 0.0 <= r["image_range"][0] < r["image_range"][1] <= 1.0
+
+
+def test_progress_bar_reaches_its_total(driver, scenario):
+    ticks = scenario("visualizer")["progress"]
+    assert ticks and ticks[-1][0] == ticks[-1][1]
+
+
+def test_chained_layers_are_labelled_and_an_inactive_range_is_said(driver, scenario):
+    s = scenario("visualizer")["chained_summary"]
+    assert "A: adapter main.safetensors" in s and "B: adapter second.safetensors" in s
+    assert "INACTIVE at this noise level" in s and "B:s0 0.0% / 0.0%" in s  # scores shown, nothing rotated
+
+
+def test_model_without_saferope_is_a_clear_error(driver, scenario):
+    e = scenario("visualizer")["no_layers"]
+    assert e["raised"] == "ValueError" and "Apply SafeRoPE to Model" in e["message"]
