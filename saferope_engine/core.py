@@ -87,7 +87,9 @@ def _sources(block: BlockAdapter) -> tuple:
 
 
 def _versions(sources: tuple) -> tuple:
-    return tuple(None if t is None else t._version for t in sources)
+    # Inference-mode tensors (ComfyUI runs nodes under torch.inference_mode()) have no version
+    # counter; they cannot be modified in place outside inference mode, so identity suffices.
+    return tuple(None if t is None else (-1 if t.is_inference() else t._version) for t in sources)
 
 
 def _runtime(block: BlockAdapter, device: torch.device, dtype: torch.dtype) -> _Runtime:

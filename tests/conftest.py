@@ -57,11 +57,3 @@ def cli(capsys):
         return code, out, err
 
     return run
-
-
-def subprocess_env() -> dict[str, str]:
-    """Environment for ``python -m trainer`` subprocesses (repo on the path, offline, 1 thread)."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    return env

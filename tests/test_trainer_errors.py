@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import subprocess_env
+from trainer_fixtures import subprocess_env
 from trainer_fixtures import write_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -7,6 +7,7 @@ query/key directions, so an adapter built from these prompts gates them and noth
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 UNSAFE = [
@@ -78,3 +79,11 @@ preserve_sigmas = [0.25, 1.0]
     path = folder / "config.toml"
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def subprocess_env() -> dict[str, str]:
+    """Environment for ``python -m trainer`` subprocesses (repo on the path, offline, 1 thread)."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env.update(HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    return env

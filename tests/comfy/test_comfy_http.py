@@ -16,7 +16,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from conftest import HERE, REPO, comfy_python
+from comfy_env import HERE, REPO, comfy_python
 
 pytestmark = pytest.mark.comfyui
 STARTUP_S, RUN_S = 300, 600
