@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .adapter import SEGMENTS, BlockAdapter
-from .rotation import expm_apply_series, normal_form, rotate_delta
+from .rotation import expm_apply_series, normal_form
 
 __all__ = ["BlockRisk", "saferope_qk", "latent_risk"]
 
@@ -54,10 +54,14 @@ def latent_risk(x: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class _Runtime:
-    """Device copies and (lazily) normal forms of one block's tensors.
+    """Device copies of one block's tensors, and the folded closed-form operators (lazily).
 
     Valid while the block holds the very same tensor objects, unmodified in place; the runtime
     keeps references to them, so an object's identity cannot be recycled while it is cached.
+
+    The closed form folds each segment's normal-form pairs into the basis: ``W_seg = U·P_seg``
+    (``D × 2m``), so a token needs one projection ``xᵀ[W_txt | W_img | U]`` for both its rotation
+    coordinates and its risk, and one back-projection ``Δd·[W_txt | W_img]ᵀ``.
     """
 
     def __init__(self, block: BlockAdapter, device: torch.device, dtype: torch.dtype) -> None:
@@ -66,20 +70,40 @@ class _Runtime:
         self.device, self.dtype = device, dtype
         self.heads = block.heads.to(device)
         n = block.heads.numel()
+        self.max_head = int(block.heads.max())
         self.is_arange = bool((block.heads == torch.arange(n)).all())
         self.U = {"q": block.U_q.detach().to(device, dtype), "k": block.U_k.detach().to(device, dtype)}
-        self._forms: dict[str, tuple[Tensor, Tensor]] = {}
+        self._folded: dict | None = None
 
     def valid_for(self, block: BlockAdapter) -> bool:
         now = _sources(block)
         return all(a is b for a, b in zip(now, self.sources)) and _versions(now) == self.versions
 
-    def form(self, block: BlockAdapter, seg: str) -> tuple[Tensor, Tensor]:
-        """``(P, theta)`` of the segment's generator on this device (see rotation.normal_form)."""
-        if seg not in self._forms:
-            P, theta = normal_form(block.generator(seg))
-            self._forms[seg] = (P.to(self.device, self.dtype), theta.to(self.device, self.dtype))
-        return self._forms[seg]
+    def folded(self, block: BlockAdapter) -> dict:
+        """``proj[which]: (n, D, K)`` = ``[W_txt | W_img | U | 0-pad]`` (K even), ``back[which]: (n, 2M, D)``,
+        ``cols[seg] = (start, m)`` of the segment's pairs, ``theta[seg]: (n, m)``, ``r0`` = first column of U."""
+        if self._folded is None:
+            r = block.rank
+            cols, theta, pieces, start = {}, {}, {"q": [], "k": []}, 0
+            for seg in SEGMENTS:
+                A = block.generator(seg)
+                if A is None or r < 2:
+                    continue
+                P, th = normal_form(A)  # (n, r, 2m), (n, m) float64
+                m = th.shape[-1]
+                cols[seg], theta[seg] = (start, m), th.to(self.device, self.dtype)
+                for w, U in (("q", block.U_q), ("k", block.U_k)):
+                    pieces[w].append(U.detach().double() @ P)  # (n, D, 2m)
+                start += 2 * m
+            proj, back = {}, {}
+            for w, U in (("q", block.U_q), ("k", block.U_k)):
+                Ud = U.detach().double()
+                pad = Ud.new_zeros(*Ud.shape[:-1], (start + r) % 2)  # keep K even: complex views need it
+                W = torch.cat(pieces[w], dim=-1) if pieces[w] else Ud[..., :0]  # (n, D, 2M)
+                proj[w] = torch.cat([W, Ud, pad], dim=-1).to(self.device, self.dtype).contiguous()
+                back[w] = W.transpose(-1, -2).to(self.device, self.dtype).contiguous()  # (n, 2M, D)
+            self._folded = {"proj": proj, "back": back, "cols": cols, "theta": theta, "r0": start}
+        return self._folded
 
 
 def _sources(block: BlockAdapter) -> tuple:
@@ -106,11 +130,9 @@ def _check(q: Tensor, k: Tensor, block: BlockAdapter, txt_len: int, strength: fl
         raise ValueError(f"q and k must both be (B, H, L, D) of equal shape, got {tuple(q.shape)} and {tuple(k.shape)}")
     if not (q.is_floating_point() and k.is_floating_point()):
         raise TypeError(f"q and k must be floating point, got {q.dtype} and {k.dtype}")
-    H, L, D = q.shape[1], q.shape[2], q.shape[3]
+    L, D = q.shape[2], q.shape[3]
     if D != block.head_dim:
         raise ValueError(f"block {block.key}: head dim of q/k is {D}, adapter has {block.head_dim}")
-    if int(block.heads.max()) >= H:
-        raise ValueError(f"block {block.key}: adapter selects head {int(block.heads.max())}, q/k have {H} heads")
     if not (isinstance(txt_len, int) and 0 <= txt_len <= L):
         raise ValueError(f"txt_len must be an int in [0, {L}], got {txt_len!r}")
     if not (math.isfinite(strength) and strength >= 0.0):
@@ -141,51 +163,97 @@ def saferope_qk(q: Tensor, k: Tensor, block: BlockAdapter, *, txt_len: int, stre
     _check(q, k, block, txt_len, strength, threshold)
     L = q.shape[2]
     bounds = {"txt": (0, txt_len), "img": (txt_len, L)}
-    active = [s for s in SEGMENTS if block.generator(s) is not None and bounds[s][1] > bounds[s][0]]
+    active = tuple(s for s in SEGMENTS if block.generator(s) is not None and bounds[s][1] > bounds[s][0])
     if not return_risk and (strength == 0.0 or not active):
         return q, k
 
     cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     rt = _runtime(block, q.device, cdtype)
+    if rt.max_head >= q.shape[1]:
+        raise ValueError(f"block {block.key}: adapter selects head {rt.max_head}, q/k have {q.shape[1]} heads")
     all_heads = rt.is_arange and rt.heads.numel() == q.shape[1]  # no gather/scatter needed
-    train = torch.is_grad_enabled() and any(
-        block.generator(s) is not None and block.generator(s).requires_grad for s in active)
-
+    train = torch.is_grad_enabled() and any(block.generator(s).requires_grad for s in active)
+    run = _series if train else _closed
     outs, risks = [], []
     for x, which in ((q, "q"), (k, "k")):
-        U = rt.U[which]
         xs = x if all_heads else x.index_select(1, rt.heads)  # (B,H,L,D) -> (B,n,L,D)
-        xf = xs.to(cdtype)
-        rho, c = latent_risk(xf, U)  # (B,n,L), (B,n,L,r)
-        gate = torch.zeros_like(rho, dtype=torch.bool)
-        for seg in active:
-            a, b = bounds[seg]
-            gate[..., a:b] = rho[..., a:b] > threshold
+        y, rho, gate = run(xs.to(cdtype), block, rt, which, bounds, active, strength, threshold)
         risks.append((rho, gate))
-        # Nothing to rotate: skip the rest. (.any() syncs, so only on the CPU where it is free.)
-        if strength == 0.0 or not active or (x.device.type == "cpu" and not bool(gate.any())):
+        if y is None:  # nothing rotated
             outs.append(x)
             continue
-        s = torch.where(gate, strength * rho, torch.zeros_like(rho))  # (B,n,L) angle scale, exactly 0 where ungated
-        parts = []
-        for seg in SEGMENTS:
-            a, b = bounds[seg]
-            if b <= a:
-                continue
-            if seg not in active:
-                parts.append(torch.zeros_like(c[..., a:b, :]))
-            elif train:
-                A = block.generator(seg).to(q.device, cdtype)
-                parts.append(expm_apply_series(c[..., a:b, :], A, s[..., a:b]) - c[..., a:b, :])
-            else:
-                P, theta = rt.form(block, seg)
-                parts.append(rotate_delta(c[..., a:b, :], P, theta, s[..., a:b]))
-        dc = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]  # (B,n,L,r)
-        dx = torch.matmul(dc, U.transpose(-1, -2))  # (B,n,L,r) @ (n,r,D) -> (B,n,L,D)
-        y = torch.where(gate.unsqueeze(-1), xf + dx, xf).to(x.dtype)  # ungated tokens: exact copies
+        y = y.to(x.dtype)
         outs.append(y if all_heads else x.index_copy(1, rt.heads, y))
     if not return_risk:
         return outs[0], outs[1]
     risk = BlockRisk(heads=rt.heads, txt_len=txt_len, rho_q=risks[0][0].float(), rho_k=risks[1][0].float(),
                      gated_q=risks[0][1], gated_k=risks[1][1])
     return outs[0], outs[1], risk
+
+
+def _gate(rho: Tensor, bounds: dict, active: tuple, threshold: float) -> Tensor:
+    """``ρ > τ`` inside segments that have a generator; false elsewhere."""
+    gate = rho > threshold
+    for seg in SEGMENTS:
+        if seg not in active:
+            a, b = bounds[seg]
+            gate[..., a:b] = False
+    return gate
+
+
+def _nothing_to_do(x: Tensor, gate: Tensor, strength: float) -> bool:
+    # .any() synchronises with the device, so the early exit is taken on the CPU only, where it is free.
+    return strength == 0.0 or (x.device.type == "cpu" and not bool(gate.any()))
+
+
+def _closed(xf: Tensor, block: BlockAdapter, rt: _Runtime, which: str, bounds: dict, active: tuple,
+            strength: float, threshold: float):
+    """Inference path: closed-form rotations from the folded normal form (no per-token r×r matrix)."""
+    f = rt.folded(block)
+    r0, r = f["r0"], block.rank
+    y = torch.matmul(xf, f["proj"][which])  # (B,n,L,D) @ (n,D,K) -> (B,n,L,K): [d_txt | d_img | c | pad]
+    energy = torch.linalg.vector_norm(xf, dim=-1).square()  # (B,n,L), one pass over x
+    rho = (y[..., r0:r0 + r].square().sum(-1) / energy.clamp_min(_EPS)).clamp(0.0, 1.0)  # (B,n,L)
+    gate = _gate(rho, bounds, active, threshold)
+    if _nothing_to_do(xf, gate, strength) or not f["cols"]:
+        return None, rho, gate
+    s = torch.where(gate, strength * rho, torch.zeros_like(rho))  # (B,n,L) angle scale, exactly 0 where ungated
+    parts = []
+    for seg, (start, m) in f["cols"].items():
+        a, b = bounds[seg]
+        s_seg = s if (a, b) == (0, s.shape[-1]) else torch.zeros_like(s).index_fill_(-1, _span(a, b, s), 1) * s
+        z = torch.view_as_complex(y[..., start:start + 2 * m].unflatten(-1, (m, 2)))  # (B,n,L,m) pairs as a + ib
+        phi = s_seg.unsqueeze(-1) * f["theta"][seg].unsqueeze(1)  # (B,n,L,1) * (n,1,m) -> (B,n,L,m)
+        rot = torch.polar(torch.ones_like(phi), phi)  # e^{iφ}
+        parts.append(torch.view_as_real(z * (rot - 1)).flatten(-2))  # (B,n,L,m,2) -> (B,n,L,2m)
+    dd = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (B,n,L,2M)
+    dx = torch.matmul(dd, f["back"][which])  # (B,n,L,2M) @ (n,2M,D) -> (B,n,L,D)
+    return torch.where(gate.unsqueeze(-1), xf + dx, xf), rho, gate  # ungated tokens: exact copies
+
+
+def _span(a: int, b: int, like: Tensor) -> Tensor:
+    return torch.arange(a, b, device=like.device)
+
+
+def _series(xf: Tensor, block: BlockAdapter, rt: _Runtime, which: str, bounds: dict, active: tuple,
+            strength: float, threshold: float):
+    """Training path: differentiable in the generators (scaled Taylor series on the coefficients)."""
+    U = rt.U[which]
+    rho, c = latent_risk(xf, U)  # (B,n,L), (B,n,L,r)
+    gate = _gate(rho, bounds, active, threshold)
+    if _nothing_to_do(xf, gate, strength):
+        return None, rho, gate
+    s = torch.where(gate, strength * rho, torch.zeros_like(rho))
+    parts = []
+    for seg in SEGMENTS:
+        a, b = bounds[seg]
+        if b <= a:
+            continue
+        if seg not in active:
+            parts.append(torch.zeros_like(c[..., a:b, :]))
+        else:
+            A = block.generator(seg).to(xf.device, xf.dtype)
+            parts.append(expm_apply_series(c[..., a:b, :], A, s[..., a:b]) - c[..., a:b, :])
+    dc = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]  # (B,n,L,r)
+    dx = torch.matmul(dc, U.transpose(-1, -2))  # (B,n,L,r) @ (n,r,D) -> (B,n,L,D)
+    return torch.where(gate.unsqueeze(-1), xf + dx, xf), rho, gate

@@ -198,7 +198,7 @@ def apply_saferope(transformer, adapter: SafeRoPEAdapter, *, strength: float = 1
         raise ValueError(f"threshold must be in [0, 1), got {threshold}")
     adapter.check_compatible(**flux_shapes(transformer))
     handle = _install(transformer, adapter.block_keys(), layer=_Layer(adapter, float(strength), threshold))
-    logger.info("SafeRoPE applied: %d blocks, %d heads, strength %.3g", len(adapter.blocks),
+    logger.debug("SafeRoPE applied: %d blocks, %d heads, strength %.3g", len(adapter.blocks),
                 sum(b.heads.numel() for b in adapter.blocks.values()), strength)
     return handle
 

@@ -11,7 +11,8 @@ the rest. Hence, for any scalar ``s``,
 
 With the pairs precomputed once per generator, rotating a token costs ``2m`` dot products,
 ``m`` cos/sin pairs and a back-projection (``m = ⌊r/2⌋``), and no per-token ``r×r`` matrix is
-ever formed. :func:`normal_form` computes the pairs; :func:`rotate_delta` applies them.
+ever formed. :func:`normal_form` computes the pairs; :mod:`saferope_engine.core` folds them into
+the basis and applies them as complex rotations ``(a + ib)·e^{iφ}``.
 
 The closed form is not differentiable with respect to ``A`` at degenerate spectra (``A = 0``
 at initialisation, for instance), so training uses :func:`expm_apply_series`: a Taylor series
@@ -27,7 +28,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["normal_form", "rotate_delta", "expm_apply_series", "reference_rotate", "skew_error"]
+__all__ = ["normal_form", "expm_apply_series", "reference_rotate", "skew_error"]
 
 
 def skew_error(A: Tensor) -> Tensor:
@@ -65,29 +66,6 @@ def normal_form(A: Tensor) -> tuple[Tensor, Tensor]:
     P = torch.stack((p, q), dim=-1).flatten(-2)  # (..., r, m, 2) -> (..., r, 2m)
     theta = torch.where(keep, lam, torch.zeros_like(lam))  # (..., m)
     return P, theta
-
-
-def rotate_delta(c: Tensor, P: Tensor, theta: Tensor, s: Tensor) -> Tensor:
-    """``exp(s·A) c − c`` for per-token scalars ``s``, from the normal form of ``A``.
-
-    Args:
-        c: ``(B, n, L, r)`` coefficients in the subspace.
-        P: ``(n, r, 2m)`` normal-form pairs per head (see :func:`normal_form`).
-        theta: ``(n, m)`` angles per head.
-        s: ``(B, n, L)`` per-token scale (``strength · gate``).
-
-    Returns:
-        ``(B, n, L, r)`` change of the coefficients.
-    """
-    d = torch.matmul(c, P)  # (B,n,L,r) @ (n,r,2m) -> (B,n,L,2m)
-    a, b = d.unflatten(-1, (-1, 2)).unbind(-1)  # each (B,n,L,m)
-    phi = s.unsqueeze(-1) * theta.unsqueeze(1)  # (B,n,L,1) * (n,1,m) -> (B,n,L,m)
-    sin = torch.sin(phi)
-    cos_m1 = -2.0 * torch.sin(0.5 * phi).square()  # cos φ − 1 without cancellation
-    da = a * cos_m1 - b * sin
-    db = a * sin + b * cos_m1
-    dd = torch.stack((da, db), dim=-1).flatten(-2)  # (B,n,L,m,2) -> (B,n,L,2m)
-    return torch.matmul(dd, P.transpose(-1, -2))  # (B,n,L,2m) @ (n,2m,r) -> (B,n,L,r)
 
 
 def expm_apply_series(c: Tensor, A: Tensor, s: Tensor, *, terms: int = 12) -> Tensor:

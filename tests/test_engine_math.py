@@ -116,19 +116,23 @@ def test_normal_form_reconstructs_generator():
         assert (theta >= 0).all()
 
 
-def test_normal_form_handles_degenerate_spectra():
-    """A = 0 and repeated angles (e.g. θJ ⊕ θJ) must still reproduce exp(sA)."""
+def test_degenerate_spectra_still_reproduce_the_formula():
+    """A = 0 and repeated angles (θJ ⊕ θJ) have degenerate eigenspaces; the closed form must not care."""
     J = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
     Q, _ = torch.linalg.qr(torch.randn(4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64))
     A = Q @ torch.block_diag(0.7 * J, 0.7 * J) @ Q.T
     A = torch.stack([torch.zeros(4, 4, dtype=torch.float64), 0.5 * (A - A.T)])  # (2,4,4), exactly skew
-    from saferope_engine.rotation import rotate_delta
-    P, theta = normal_form(A)
-    c = torch.randn(1, 2, 6, 4, dtype=torch.float64)
-    s = torch.rand(1, 2, 6, dtype=torch.float64)
-    got = rotate_delta(c, P, theta, s) + c
-    want = (torch.matrix_exp(s[..., None, None] * A.double()[None, :, None]) @ c.unsqueeze(-1)).squeeze(-1)
-    assert (got - want).abs().max() < 1e-10
+    g = torch.Generator().manual_seed(1)
+    block = BlockAdapter("double", 0, torch.tensor([0, 1]), random_orthonormal(2, 8, 4, generator=g),
+                         random_orthonormal(2, 8, 4, generator=g), A.float(), None)
+    q, k = risky_inputs(block, 1, 2, 6, frac=1.0)
+    q, k = q.double(), k.double()
+    block = BlockAdapter("double", 0, block.heads, block.U_q.double(), block.U_k.double(), A, None)
+    q2, k2 = saferope_qk(q, k, block, txt_len=6, threshold=0.0)
+    assert (q2 - reference(q, block, "q", 6, 1.0, 0.0)).abs().max() < 1e-10
+    assert (k2 - reference(k, block, "k", 6, 1.0, 0.0)).abs().max() < 1e-10
+    assert torch.equal(q2[:, 0], q[:, 0])  # A = 0: the identity
+    assert not torch.equal(q2[:, 1], q[:, 1])
 
 
 def test_series_matches_matrix_exp_for_large_angles():

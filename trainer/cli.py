@@ -28,6 +28,8 @@ that the ComfyUI nodes and the diffusers integration load.
 The usual way: write a config file and run `build`, then `evaluate` and `inspect` the result.
 
 commands (each has --help with an example):
+  demo      erase 'red' from the shipped toy FLUX: build, benchmark, report (the main demo)
+              python -m trainer demo --out demo_out
   build     collect → select → train from one config file; writes OUT/adapter.safetensors
               python -m trainer build --config red.toml --out runs/red
   collect   Gram statistics of queries/keys on unsafe and safe prompts (resumable)
@@ -186,13 +188,13 @@ _COMMANDS: list[Callable[[Any], None]] = []
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import convert, evaluate, generate, inspect, stages
+    from . import convert, demo, evaluate, generate, inspect, stages
 
     parser = _Parser(prog=PROG, description=OVERVIEW, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (stages, evaluate, generate, convert, inspect):
+    for module in (demo, stages, evaluate, generate, convert, inspect):
         module.register(sub)
     return parser
 
