@@ -2,7 +2,8 @@
 
 1. :class:`GramAccumulator` streams ``G = Σ x xᵀ`` per (block kind, block, q|k, segment) and
    head, with token counts and padding excluded — memory is independent of the prompt count.
-2. :func:`top_basis` takes the top-``r`` eigenvectors of a Gram (uncentred, like the authors).
+2. :func:`top_basis` takes the top-``r`` eigenvectors of a Gram (uncentred, like the authors), or
+   of the contrast ``G_u/n_u − G_s/n_s`` (:func:`basis_for` with ``basis="contrast"``).
 3. :func:`discrimination_scores` rates each head by ``d = E_unsafe − E_safe`` with
    ``E(G) = tr(UᵀGU) / tr(G)``; :func:`select_heads` keeps the best ones.
 4. :func:`assemble_adapter` turns bases, the selection and generators into a
@@ -27,7 +28,7 @@ from .errors import SafeRoPEError
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "StatKey", "GramAccumulator", "top_basis", "energy_share", "discrimination_scores", "HeadSelection",
+    "StatKey", "GramAccumulator", "top_basis", "contrast_gram", "basis_for", "BASES", "energy_share", "discrimination_scores", "HeadSelection",
     "select_heads", "assemble_adapter",
 ]
 
@@ -167,6 +168,41 @@ def top_basis(gram: Tensor, rank: int) -> Tensor:
     return (U * sign).to(torch.float32)
 
 
+BASES = ("unsafe", "contrast")
+
+
+def contrast_gram(unsafe_gram: Tensor, unsafe_count: int, safe_gram: Tensor, safe_count: int,
+                  weight: float = 1.0) -> Tensor:
+    """``G_u/n_u − w·G_s/n_s`` (float64): at ``w = 1`` the directions in which unsafe tokens carry more
+    energy than safe ones; ``w → 0`` approaches the plain unsafe Gram (the authors' basis)."""
+    if unsafe_count <= 0 or safe_count <= 0:
+        raise SafeRoPEError("contrast basis needs unsafe and safe statistics with at least one token each")
+    if not 0.0 <= weight <= 1.0:
+        raise ValueError(f"contrast weight must be in [0, 1], got {weight}")
+    return unsafe_gram.to(torch.float64) / unsafe_count - weight * safe_gram.to(torch.float64) / safe_count
+
+
+def basis_for(unsafe: "GramAccumulator", safe: "GramAccumulator | None", key: StatKey, rank: int,
+              basis: str = "unsafe", heads: Tensor | None = None, contrast_weight: float = 1.0) -> Tensor:
+    """The ``(H|n, D, rank)`` unsafe basis of one statistics key.
+
+    ``unsafe`` (the authors'): top eigenvectors of the uncentred unsafe Gram — it also captures
+    directions every prompt shares (common words, the mean). ``contrast``: top eigenvectors of
+    :func:`contrast_gram`, the directions where unsafe tokens carry *more* energy than safe ones,
+    which keeps shared directions out of the subspace (and so out of the risk score);
+    ``contrast_weight`` < 1 keeps part of them (see :func:`contrast_gram`).
+    """
+    if basis not in BASES:
+        raise ValueError(f"basis must be one of {BASES}, got {basis!r}")
+    G = unsafe.grams[key] if heads is None else unsafe.grams[key][heads]
+    if basis == "contrast":
+        if safe is None or key not in safe.grams:
+            raise SafeRoPEError(f"contrast basis: no safe statistics for {key}")
+        Gs = safe.grams[key] if heads is None else safe.grams[key][heads]
+        G = contrast_gram(G, unsafe.counts[key], Gs, safe.counts[key], contrast_weight)
+    return top_basis(G, rank)
+
+
 def energy_share(gram: Tensor, U: Tensor) -> Tensor:
     """``tr(UᵀGU) / tr(G)`` per head: the share of the Gram's energy captured by ``span(U)``."""
     g = gram.to(torch.float64)
@@ -178,10 +214,11 @@ def energy_share(gram: Tensor, U: Tensor) -> Tensor:
 
 def discrimination_scores(unsafe: GramAccumulator, safe: GramAccumulator, rank: int, *,
                           segment: str = "txt", which: Iterable[str] = WHICH,
-                          num_blocks: Mapping[str, int] | None = None) -> dict[str, Tensor]:
+                          num_blocks: Mapping[str, int] | None = None, basis: str = "unsafe",
+                          contrast_weight: float = 1.0) -> dict[str, Tensor]:
     """``d = E_unsafe − E_safe`` per (kind, block, head), averaged over ``which`` (q and k).
 
-    The basis is the top-``rank`` eigenbasis of the *unsafe* Gram of the same key.
+    The subspace is :func:`basis_for` of the same key (``basis`` = ``unsafe`` or ``contrast``).
 
     Returns:
         ``{kind: (num_blocks, H) float32}``; blocks without statistics get ``-inf``.
@@ -204,7 +241,7 @@ def discrimination_scores(unsafe: GramAccumulator, safe: GramAccumulator, rank: 
                 key = (kind, idx, w, segment)
                 if key not in unsafe.grams or key not in safe.grams:
                     continue
-                U = top_basis(unsafe.grams[key], rank)  # (H, D, r)
+                U = basis_for(unsafe, safe, key, rank, basis, contrast_weight=contrast_weight)  # (H, D, r)
                 parts.append(energy_share(unsafe.grams[key], U) - energy_share(safe.grams[key], U))
             if parts:
                 scores[idx] = torch.stack(parts).mean(0)
@@ -268,12 +305,13 @@ def assemble_adapter(unsafe: GramAccumulator, selection: HeadSelection | Mapping
                      segments: Mapping[str, Iterable[str]] | None = None,
                      generators: Mapping[str, Tensor] | None = None, threshold: float = 0.5,
                      concepts: Iterable[str] = (), base_model: str = "", config: Mapping | None = None,
-                     basis_segment: str = "txt") -> SafeRoPEAdapter:
+                     basis_segment: str = "txt", basis: str = "unsafe",
+                     safe: GramAccumulator | None = None, contrast_weight: float = 1.0) -> SafeRoPEAdapter:
     """Build an adapter from the unsafe statistics and a head selection.
 
     Args:
-        unsafe: accumulated statistics of unsafe prompts; ``U_q``/``U_k`` are the top-``rank``
-            eigenvectors of their ``basis_segment`` Grams.
+        unsafe: accumulated statistics of unsafe prompts; ``U_q``/``U_k`` are :func:`basis_for`
+            their ``basis_segment`` statistics (``basis`` ``unsafe``, or ``contrast`` with ``safe``).
         selection: heads per ``(kind, block)``.
         segments: which generators each block kind gets, e.g. ``{"double": ["txt"], "single":
             ["txt", "img"]}`` (default: text only, the authors' double-block choice).
@@ -296,7 +334,7 @@ def assemble_adapter(unsafe: GramAccumulator, selection: HeadSelection | Mapping
             key = (kind, idx, w, basis_segment)
             if key not in unsafe.grams:
                 raise SafeRoPEError(f"no {w} statistics for {kind} block {idx} ({basis_segment} segment)")
-            bases[w] = top_basis(unsafe.grams[key][h], rank)  # (n, D, r)
+            bases[w] = basis_for(unsafe, safe, key, rank, basis, heads=h, contrast_weight=contrast_weight)  # (n, D, r)
         gens = {}
         for seg in segments.get(kind, ()):
             name = f"{kind}.{idx}.A_{seg}"

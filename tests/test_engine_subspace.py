@@ -154,3 +154,31 @@ def test_select_heads_argument_checks():
         select_heads(scores)
     with pytest.raises(ValueError, match="fraction"):
         select_heads(scores, fraction=1.5)
+
+
+def test_contrast_basis_ignores_directions_every_prompt_shares():
+    """A strong direction common to unsafe and safe tokens dominates the unsafe Gram; the contrast
+    basis still finds the planted unsafe direction, and scores it higher."""
+    from saferope_engine.subspace import basis_for
+    g = torch.Generator().manual_seed(0)
+    shared = torch.linalg.qr(torch.randn(D, 2, generator=g))[0]
+    planted = torch.linalg.qr(torch.randn(D, 1, generator=g))[0]
+    unsafe, safe = GramAccumulator(H, D), GramAccumulator(H, D)
+    for acc, is_unsafe in ((unsafe, True), (safe, False)):
+        for _ in range(40):
+            x = torch.randn(4, H, 12, D, generator=g) * 0.3
+            x += (torch.randn(4, H, 12, 2, generator=g) * 4) @ shared.T  # every token: a big shared part
+            if is_unsafe:
+                x[:, :, :3] += (torch.randn(4, H, 3, 1, generator=g) * 4) @ planted.T  # a few concept tokens
+            acc.add("double", 0, "q", x, txt_len=12)
+    key = ("double", 0, "q", "txt")
+    U_unsafe = basis_for(unsafe, safe, key, 1, "unsafe")  # (H, D, 1)
+    U_contrast = basis_for(unsafe, safe, key, 1, "contrast")
+    for h in range(H):
+        assert principal_angle_deg(U_contrast[h], planted) < 10.0
+        assert principal_angle_deg(U_unsafe[h], planted) > 45.0  # the authors' basis takes the shared part
+    d_unsafe = discrimination_scores(unsafe, safe, 1, which=("q",), basis="unsafe")["double"]
+    d_contrast = discrimination_scores(unsafe, safe, 1, which=("q",), basis="contrast")["double"]
+    assert (d_contrast > d_unsafe + 0.05).all()
+    with pytest.raises(ValueError, match="basis"):
+        basis_for(unsafe, safe, key, 1, "pca")

@@ -63,7 +63,9 @@ class SelectConfig:
     fraction: float = 0.0  # keep this share of all heads
     margin: float = float("nan")  # keep heads with d ≥ margin (NaN = unused)
     kinds: list[str] = field(default_factory=lambda: ["double", "single"])
-    segment: str = "txt"  # segment whose statistics score the heads
+    segment: str = "txt"  # segment whose statistics score the heads and give the bases
+    basis: str = "contrast"  # contrast: top eigenvectors of G_u/n_u − w·G_s/n_s | unsafe: of G_u (the authors')
+    contrast_weight: float = 1.0  # w in [0, 1]: 1 = pure contrast, 0 = the unsafe Gram
 
 
 @dataclass
@@ -262,6 +264,7 @@ def resolve(*, run_config: Path | None = None, config_file: str | None = None,
 _CHOICES = {
     "device": None, "dtype": ("float32", "bfloat16", "float16"), "mixed_precision": ("no", "fp16", "bf16"),
     "collect.latents": ("trajectory", "noise"), "select.segment": ("txt", "img"),
+    "select.basis": ("contrast", "unsafe"),
     "train.unlearn": ("anchor", "deviate", "none"), "train.preserve": ("distill", "flow", "none"),
     "train.latents": ("rollout", "noise"),
 }
@@ -295,6 +298,8 @@ def validate(cfg: RunConfig) -> None:
                    ("select.count", cfg.select.count)):
         if v < 0:
             raise UsageError(f"config key {key!r} must be ≥ 0, got {v}")
+    if not 0.0 <= cfg.select.contrast_weight <= 1.0:
+        raise UsageError(f"config key 'select.contrast_weight' must be in [0, 1], got {cfg.select.contrast_weight}")
     if not cfg.collect.sigmas or any(not 0.0 < s <= 1.0 for s in cfg.collect.sigmas):
         raise UsageError(f"config key 'collect.sigmas' must be a non-empty list in (0, 1], got {cfg.collect.sigmas}")
     for seg_key, segs in (("collect.segments", cfg.collect.segments), ("train.double_segments", cfg.train.double_segments),

@@ -40,6 +40,10 @@ class DemoSettings:
     model: str = "toy"
     rank: int = 2
     count: int = 8  # heads kept
+    basis: str = "contrast"  # see trainer.select
+    contrast_weight: float = 1.0
+    segment: str = "txt"  # token segment whose statistics give the bases and head scores
+    collect_segments: tuple[str, ...] = ("txt",)
     threshold: float = 0.5
     steps: int = 300  # training steps of each trained variant
     lr: float = 5e-3
@@ -132,7 +136,9 @@ def _config(settings: DemoSettings, recipe, prompts: dict[str, Path], out: Path,
         "width": recipe.width, "guidance": recipe.guidance_scale, "max_sequence_length": recipe.max_sequence_length,
         "prompts.unsafe": str(prompts["unsafe"]), "prompts.safe": str(prompts["safe"]),
         "collect.sigmas": list(settings.collect_sigmas),
-        "select.rank": settings.rank, "select.count": settings.count,
+        "select.rank": settings.rank, "select.count": settings.count, "select.basis": settings.basis,
+        "select.contrast_weight": settings.contrast_weight,
+        "select.segment": settings.segment, "collect.segments": list(settings.collect_segments),
         "train.steps": settings.steps, "train.lr": settings.lr, "train.threshold": settings.threshold,
         "train.double_segments": list(settings.double_segments),
         "train.single_segments": list(settings.single_segments),

@@ -1,7 +1,9 @@
 """``select``: unsafe bases, head discrimination scores and the chosen heads (design §3.2-3.3).
 
-Every head gets ``d = E_unsafe − E_safe`` (the share of energy the top-``rank`` unsafe subspace
-captures, on unsafe minus on safe statistics, averaged over q and k). The best heads are kept
+Every head gets ``d = E_unsafe − E_safe`` (the share of energy its rank-``rank`` unsafe subspace
+captures, on unsafe minus on safe statistics, averaged over q and k). The subspace is ``select.basis``:
+``contrast`` (default; top eigenvectors of ``G_u/n_u − G_s/n_s``, so directions every prompt shares
+stay out) or ``unsafe`` (top eigenvectors of the unsafe Gram, the authors' choice). The best heads are kept
 by count, fraction and/or margin. Writes ``select/scores.png`` (blocks × heads heatmap, chosen
 heads outlined), ``select/heads.csv`` (every head), ``select/heads.md`` (chosen heads) and
 ``select/selection.json`` (what ``train`` reads).
@@ -44,7 +46,8 @@ def load_stats(run: RunDir) -> tuple[GramAccumulator, GramAccumulator, dict[str,
 
 def choose(cfg: RunConfig, unsafe: GramAccumulator, safe: GramAccumulator, blocks: dict[str, int]) -> HeadSelection:
     s = cfg.select
-    scores = discrimination_scores(unsafe, safe, s.rank, segment=s.segment, num_blocks=blocks)
+    scores = discrimination_scores(unsafe, safe, s.rank, segment=s.segment, num_blocks=blocks, basis=s.basis,
+                                  contrast_weight=s.contrast_weight)
     selection = select_heads(scores, count=s.count or None, fraction=s.fraction or None,
                              margin=None if math.isnan(s.margin) else s.margin, kinds=s.kinds)
     if selection.total() == 0:
@@ -71,7 +74,7 @@ def run_select(cfg: RunConfig, run: RunDir) -> tuple[HeadSelection, dict[str, An
 
 
 def selection_to_json(cfg: RunConfig, selection: HeadSelection) -> dict[str, Any]:
-    return {"rank": cfg.select.rank, "segment": cfg.select.segment,
+    return {"rank": cfg.select.rank, "segment": cfg.select.segment, "basis": cfg.select.basis,
             "heads": {f"{k}.{b}": hs for (k, b), hs in selection.heads.items()},
             "scores": {k: v.tolist() for k, v in selection.scores.items()}}
 

@@ -266,8 +266,6 @@ def _prompt_sets(plan: Plan) -> dict[str, list[str]]:
 
 
 def _train(plan: Plan, runtime, transformer, caller, tables) -> None:
-    from saferope_engine.subspace import GramAccumulator
-
     from .select import read_selection
     from .train import TRAIN_KEYS, TrainData, Trainer, initial_adapter
 
@@ -290,8 +288,7 @@ def _train(plan: Plan, runtime, transformer, caller, tables) -> None:
             trainer.load_checkpoint(plan.checkpoint)
         metrics = trainer.fit()
         if runtime.is_main:
-            unsafe = GramAccumulator.load(run.stats_file("unsafe"))
-            final = trainer.export(jsonable(cfg.to_dict()), metrics, base_model, unsafe, selection, plan.shapes)
+            final = trainer.export(jsonable(cfg.to_dict()), metrics)
             final.save(run.adapter)
             metrics["adapter"] = str(run.adapter)
             metrics["adapter_parameters"] = final.num_parameters()

@@ -22,7 +22,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saferope_engine import SafeRoPEAdapter
+from saferope_engine import BlockAdapter, SafeRoPEAdapter
 from saferope_engine.subspace import GramAccumulator, assemble_adapter
 
 from .collect import COLLECT_KEYS, step_seed
@@ -65,8 +65,12 @@ class TrainData:
 
 def initial_adapter(cfg: RunConfig, run: RunDir, selection: dict[tuple[str, int], list[int]],
                     shapes: dict[str, int], base_model: str) -> SafeRoPEAdapter:
-    """The adapter with zero generators (identity) from the unsafe statistics and the selection."""
+    """The adapter with zero generators (identity) from the statistics and the selection.
+
+    Bases follow ``select.basis``: ``contrast`` (default) needs the safe statistics too.
+    """
     unsafe = GramAccumulator.load(run.stats_file("unsafe"))
+    safe = GramAccumulator.load(run.stats_file("safe")) if cfg.select.basis == "contrast" else None
     segs = {"double": cfg.train.double_segments, "single": cfg.train.single_segments}
     heads = {key: hs for key, hs in selection.items() if segs[key[0]]}
     if not heads:
@@ -75,7 +79,8 @@ def initial_adapter(cfg: RunConfig, run: RunDir, selection: dict[tuple[str, int]
     return assemble_adapter(unsafe, heads, rank=cfg.select.rank, num_double_blocks=shapes["num_double_blocks"],
                             num_single_blocks=shapes["num_single_blocks"], segments=segs,
                             threshold=cfg.train.threshold, concepts=cfg.concepts, base_model=base_model,
-                            basis_segment="txt")
+                            basis_segment=cfg.select.segment, basis=cfg.select.basis, safe=safe,
+                            contrast_weight=cfg.select.contrast_weight)
 
 
 def make_generators(adapter: SafeRoPEAdapter, std: float, seed: int, device) -> dict[str, torch.nn.Parameter]:
@@ -291,17 +296,15 @@ class Trainer:
                 "steps_per_second": round((self.step - start_step) / elapsed, 4) if elapsed > 0 else None,
                 "final": mean, "parameters": sum(p.numel() for p in self.params.values())}
 
-    def export(self, cfg_json: dict[str, Any], metrics: dict[str, Any], base_model: str, unsafe: GramAccumulator,
-               heads: dict[tuple[str, int], list[int]], shapes: dict[str, int]) -> SafeRoPEAdapter:
-        """The trained adapter (validated) with the resolved config and metrics in its metadata."""
-        segs = {"double": self.t.double_segments, "single": self.t.single_segments}
-        heads = {key: hs for key, hs in heads.items() if segs[key[0]]}
+    def export(self, cfg_json: dict[str, Any], metrics: dict[str, Any]) -> SafeRoPEAdapter:
+        """The trained adapter (validated): the initial bases and heads, the trained generators, and the
+        resolved config and metrics in its metadata."""
+        gens = generators_of(self.params)
         config = jsonable({"builder": "saferope trainer", "version": _version(), "config": cfg_json,
                            "metrics": metrics})
-        return assemble_adapter(unsafe, heads, rank=self.cfg.select.rank, num_double_blocks=shapes["num_double_blocks"],
-                                num_single_blocks=shapes["num_single_blocks"], segments=segs,
-                                generators=generators_of(self.params), threshold=self.t.threshold,
-                                concepts=self.cfg.concepts, base_model=base_model, config=config)
+        blocks = [BlockAdapter(b.kind, b.index, b.heads, b.U_q, b.U_k, gens.get(f"{b.key}.A_txt"),
+                               gens.get(f"{b.key}.A_img")) for b in self.adapter.blocks.values()]
+        return SafeRoPEAdapter(replace(self.adapter.meta, config=config), blocks)
 
 
 def _backward(loss: Tensor) -> None:
