@@ -1,0 +1,69 @@
+"""The toy concept world: a tiny offline FLUX pipeline trained on coloured shapes.
+
+It is the product's demo model and efficacy benchmark (design.md, section 6):
+
+* :mod:`trainer.toy.world` - the synthetic world (renderer, captions, triggers, prompt sets),
+* :mod:`trainer.toy.classifier` - the deterministic pixel classifier ``image -> (shape, colour)``,
+* ``TOY_MODEL_DIR`` - the shipped ``diffusers.FluxPipeline`` folder, with its sampling
+  recipe in ``toy_recipe.json`` (see :func:`load_recipe`),
+* ``python -m trainer.toy train|eval`` - retrain / evaluate it.
+
+Importing this package needs only numpy; torch and diffusers are imported on use.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .config import RECIPE_FILE, Recipe
+
+#: The shipped toy FLUX pipeline folder (``FluxPipeline.from_pretrained(TOY_MODEL_DIR)``).
+TOY_MODEL_DIR: Path = Path(__file__).resolve().parent / "model"
+
+
+def load_recipe(folder: str | Path | None = None) -> Recipe:
+    """The sampling recipe of a toy pipeline folder (default: ``TOY_MODEL_DIR``)."""
+    return Recipe.load(Path(folder) if folder is not None else TOY_MODEL_DIR)
+
+
+def load_pipeline(folder: str | Path | None = None):
+    """``FluxPipeline`` of a toy folder, loaded offline (default: ``TOY_MODEL_DIR``)."""
+    from .sampling import load_pipeline as _load
+
+    return _load(folder)
+
+
+def generate(pipe, prompts, recipe: Recipe | None = None, seed=0, batch_size: int = 64, **pipe_kwargs):
+    """uint8 ``(N, H, W, 3)`` images of ``prompts``; image ``i`` uses seed ``seed + i``.
+
+    ``recipe`` defaults to the shipped one. See :func:`trainer.toy.sampling.generate`.
+    """
+    from .sampling import generate as _generate
+
+    return _generate(pipe, prompts, recipe or load_recipe(), seed=seed, batch_size=batch_size, **pipe_kwargs)
+
+
+def make_scorer(ctx):
+    """The ``toy`` scorer of ``trainer evaluate``: the pixel classifier as a :class:`~trainer.scorers.LabelScorer`.
+
+    Unsafe = an image classified as one of the evaluated adapters' concepts (``ctx.concepts``)
+    that is a world colour; expected labels come from the prompt file or, for world captions,
+    from :func:`trainer.toy.world.label_of`.
+    """
+    from trainer.scorers import LabelScorer
+
+    from . import classifier, world
+
+    def classify(image) -> dict[str, str]:
+        shape, colour = classifier.classify(image)
+        return {"shape": shape, "colour": colour}
+
+    def expected(prompt: str) -> dict[str, str]:
+        label = world.label_of(prompt)
+        return {"shape": label[0], "colour": label[1]} if label else {}
+
+    concepts = [c for c in ctx.concepts if c in world.CONCEPTS]
+    return LabelScorer("toy", classify, {"colour": concepts} if concepts else {}, expected)
+
+
+__all__ = ["TOY_MODEL_DIR", "make_scorer", "RECIPE_FILE", "Recipe", "load_recipe", "load_pipeline", "generate"]
