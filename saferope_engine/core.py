@@ -221,7 +221,9 @@ def _closed(xf: Tensor, block: BlockAdapter, rt: _Runtime, which: str, bounds: d
     parts = []
     for seg, (start, m) in f["cols"].items():
         a, b = bounds[seg]
-        s_seg = s if (a, b) == (0, s.shape[-1]) else torch.zeros_like(s).index_fill_(-1, _span(a, b, s), 1) * s
+        # s is already 0 outside the active segments (see _gate); mask only when two segments share it
+        whole = len(f["cols"]) == 1 or (a, b) == (0, s.shape[-1])
+        s_seg = s if whole else torch.zeros_like(s).index_fill_(-1, _span(a, b, s), 1) * s
         z = torch.view_as_complex(y[..., start:start + 2 * m].unflatten(-1, (m, 2)))  # (B,n,L,m) pairs as a + ib
         phi = s_seg.unsqueeze(-1) * f["theta"][seg].unsqueeze(1)  # (B,n,L,1) * (n,1,m) -> (B,n,L,m)
         rot = torch.polar(torch.ones_like(phi), phi)  # e^{iφ}

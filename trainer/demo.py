@@ -38,15 +38,15 @@ class DemoSettings:
     out: str
     concept: str = "red"
     model: str = "toy"
-    rank: int = 2
-    count: int = 8  # heads kept
+    rank: int = 8
+    count: int = 16  # heads kept
     basis: str = "contrast"  # see trainer.select
-    contrast_weight: float = 1.0
+    contrast_weight: float = 0.8
     segment: str = "txt"  # token segment whose statistics give the bases and head scores
     collect_segments: tuple[str, ...] = ("txt",)
-    threshold: float = 0.5
-    steps: int = 300  # training steps of each trained variant
-    lr: float = 5e-3
+    threshold: float = 0.7
+    steps: int = 150  # training steps of each trained variant
+    lr: float = 5e-2
     double_segments: tuple[str, ...] = ("txt",)
     single_segments: tuple[str, ...] = ("txt",)
     collect_sigmas: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4)
@@ -72,9 +72,9 @@ def register(sub) -> None:
         example="python -m trainer demo --out demo_out")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--concept", default="red", help="colour to erase (default: red)")
-    p.add_argument("--steps", type=int, default=None, help="training steps per trained variant (default 300)")
-    p.add_argument("--seeds", type=int, default=None, help="images per held-out prompt (default 2)")
-    p.add_argument("--threshold", type=float, default=None, help="risk threshold τ (default 0.5)")
+    p.add_argument("--steps", type=int, default=None, help=f"training steps per trained variant (default {DemoSettings.steps})")
+    p.add_argument("--seeds", type=int, default=None, help=f"images per held-out prompt (default {DemoSettings.seeds_per_prompt})")
+    p.add_argument("--threshold", type=float, default=None, help=f"risk threshold τ (default {DemoSettings.threshold})")
     p.add_argument("--quick", action="store_true", help="reduced setting (what the tests run): fewer steps and images")
     p.set_defaults(func=run)
 
@@ -152,7 +152,7 @@ def _run_stage(command: str, cfg) -> None:
     from .rundir import RunDir
     from .stages import execute, preflight
 
-    execute(preflight(command, cfg, RunDir(cfg.out), None))
+    execute(preflight(command, cfg, RunDir(cfg.out), None), report=False)
 
 
 def _random_control(adapter, seed: int):

@@ -195,8 +195,11 @@ def _file_logging(run: RunDir, command: str) -> logging.Handler:
     return handler
 
 
-def execute(plan: Plan) -> None:
-    """Run the planned stages (the run directory is created here, after every check passed)."""
+def execute(plan: Plan, report: bool = True) -> None:
+    """Run the planned stages (the run directory is created here, after every check passed).
+
+    ``report`` prints the run's paths at the end (the CLI commands; the demo prints its own).
+    """
     import torch
 
     from .models import load_transformer, torch_dtype
@@ -237,7 +240,7 @@ def execute(plan: Plan) -> None:
         runtime.barrier()
         if "train" in plan.stages:
             _train(plan, runtime, transformer, caller, tables)
-        if runtime.is_main:
+        if runtime.is_main and report:
             _report(plan)
     except BaseException:
         # The traceback goes to the run's log file only; the console gets one line from the CLI.
