@@ -173,11 +173,14 @@ def saferope_qk(q: Tensor, k: Tensor, block: BlockAdapter, *, txt_len: int, stre
         raise ValueError(f"block {block.key}: adapter selects head {rt.max_head}, q/k have {q.shape[1]} heads")
     all_heads = rt.is_arange and rt.heads.numel() == q.shape[1]  # no gather/scatter needed
     train = torch.is_grad_enabled() and any(block.generator(s).requires_grad for s in active)
-    run = _series if train else _closed
     outs, risks = [], []
     for x, which in ((q, "q"), (k, "k")):
         xs = x if all_heads else x.index_select(1, rt.heads)  # (B,H,L,D) -> (B,n,L,D)
-        y, rho, gate = run(xs.to(cdtype), block, rt, which, bounds, active, strength, threshold)
+        if train:
+            y, rho, gate = _series(xs.to(cdtype), block, rt, which, bounds, active, strength, threshold)
+        else:
+            y, rho, gate = _closed(xs.to(cdtype), block, rt, which, bounds, active, strength, threshold,
+                                   full_risk=return_risk)
         risks.append((rho, gate))
         if y is None:  # nothing rotated
             outs.append(x)
@@ -206,35 +209,88 @@ def _nothing_to_do(x: Tensor, gate: Tensor, strength: float) -> bool:
     return strength == 0.0 or (x.device.type == "cpu" and not bool(gate.any()))
 
 
+#: On the CPU the inference path updates only the gated tokens (gathered: usually a few prompt
+#: tokens) when they are at most this share of the span; elsewhere it stays dense, because
+#: finding them would synchronise with the device. 0 disables the sparse path.
+SPARSE_MAX_SHARE = 0.25
+
+
+def _active_span(bounds: dict, active: tuple) -> tuple[int, int]:
+    """Smallest token range holding every active segment (text-only adapters skip the image)."""
+    if not active:
+        return 0, 0
+    return min(bounds[s][0] for s in active), max(bounds[s][1] for s in active)
+
+
 def _closed(xf: Tensor, block: BlockAdapter, rt: _Runtime, which: str, bounds: dict, active: tuple,
-            strength: float, threshold: float):
-    """Inference path: closed-form rotations from the folded normal form (no per-token r×r matrix)."""
+            strength: float, threshold: float, full_risk: bool = False):
+    """Inference path: closed-form rotations from the folded normal form (no per-token r×r matrix).
+
+    Works on the token span of the active segments only; returns ``(x' or None, ρ, gate)``, ρ and
+    gate over that span, or over every token with ``full_risk`` (the risk map; same ``x'``).
+    """
     f = rt.folded(block)
     r0, r = f["r0"], block.rank
-    y = torch.matmul(xf, f["proj"][which])  # (B,n,L,D) @ (n,D,K) -> (B,n,L,K): [d_txt | d_img | c | pad]
-    energy = torch.linalg.vector_norm(xf, dim=-1).square()  # (B,n,L), one pass over x
-    rho = (y[..., r0:r0 + r].square().sum(-1) / energy.clamp_min(_EPS)).clamp(0.0, 1.0)  # (B,n,L)
-    gate = _gate(rho, bounds, active, threshold)
+    L = xf.shape[2]
+    lo, hi = _active_span(bounds, active)
+    xs = xf[:, :, lo:hi]  # (B,n,L,D) -> (B,n,Ls,D) view
+    rel = {seg: (min(max(a - lo, 0), hi - lo), min(max(b - lo, 0), hi - lo)) for seg, (a, b) in bounds.items()}
+    y = torch.matmul(xs, f["proj"][which])  # (B,n,Ls,D) @ (n,D,K) -> (B,n,Ls,K): [d_txt | d_img | c | pad]
+    energy = torch.linalg.vector_norm(xs, dim=-1).square()  # (B,n,Ls), one pass over x
+    rho = (y[..., r0:r0 + r].square().sum(-1) / energy.clamp_min(_EPS)).clamp(0.0, 1.0)  # (B,n,Ls)
+    gate = _gate(rho, rel, active, threshold)
+    if full_risk and (lo, hi) != (0, L):  # the risk map covers every token; nothing outside the span is gated
+        rho_all = torch.cat([latent_risk(xf[:, :, :lo], rt.U[which])[0], rho,
+                             latent_risk(xf[:, :, hi:], rt.U[which])[0]], dim=2)  # (B,n,L)
+        gate_all = torch.zeros_like(rho_all, dtype=torch.bool)
+        gate_all[:, :, lo:hi] = gate
+        ret_rho, ret_gate = rho_all, gate_all
+    else:
+        ret_rho, ret_gate = rho, gate
     if _nothing_to_do(xf, gate, strength) or not f["cols"]:
-        return None, rho, gate
-    s = torch.where(gate, strength * rho, torch.zeros_like(rho))  # (B,n,L) angle scale, exactly 0 where ungated
+        return None, ret_rho, ret_gate
+    s = torch.where(gate, strength * rho, torch.zeros_like(rho))  # (B,n,Ls) angle scale, exactly 0 where ungated
+    idx = gate.nonzero(as_tuple=True) if xf.device.type == "cpu" else None  # (b, head, token) of G gated tokens
+    if idx is not None and idx[0].numel() <= SPARSE_MAX_SHARE * gate.numel():
+        out = xf.clone()  # ungated tokens: exact copies
+        seg_of = {seg: (idx[2] >= rel[seg][0]) & (idx[2] < rel[seg][1]) for seg in f["cols"]}  # (G,) each
+        dd = _pair_deltas(y[idx], s[idx], f, seg_of, idx[1])  # (G,K), (G,) -> (G,2M)
+        dx = torch.bmm(dd.unsqueeze(1), f["back"][which][idx[1]]).squeeze(1)  # (G,1,2M) @ (G,2M,D) -> (G,D)
+        span = out[:, :, lo:hi]  # a view: assigning through it writes into out
+        span[idx] = xs[idx] + dx
+        return out, ret_rho, ret_gate
+    seg_of = {seg: _span_mask(*rel[seg], like=s) for seg in f["cols"]}  # (Ls,) each
+    dd = _pair_deltas(y, s, f, seg_of, None)  # (B,n,Ls,2M)
+    dx = torch.matmul(dd, f["back"][which])  # (B,n,Ls,2M) @ (n,2M,D) -> (B,n,Ls,D)
+    new = torch.where(gate.unsqueeze(-1), xs + dx, xs)  # ungated tokens: exact copies
+    if (lo, hi) != (0, L):
+        new = torch.cat([xf[:, :, :lo], new, xf[:, :, hi:]], dim=2)  # (B,n,L,D)
+    return new, ret_rho, ret_gate
+
+
+def _pair_deltas(y: Tensor, s: Tensor, f: dict, seg_of: dict, head: Tensor | None) -> Tensor:
+    """``(e^{i·s·θ} − 1)·z`` for every normal-form pair ``z = d_{2j} + i·d_{2j+1}``, as real ``(…, 2M)``.
+
+    ``y``: ``(…, K)`` projections, ``s``: ``(…)`` angle scales, ``seg_of[seg]``: where a token belongs to
+    ``seg`` (broadcasts against ``s``); ``head``: per-token head index (gathered tokens) or ``None``
+    (dense ``(B,n,Ls)`` layout, θ broadcast over heads).
+    """
     parts = []
     for seg, (start, m) in f["cols"].items():
-        a, b = bounds[seg]
-        # s is already 0 outside the active segments (see _gate); mask only when two segments share it
-        whole = len(f["cols"]) == 1 or (a, b) == (0, s.shape[-1])
-        s_seg = s if whole else torch.zeros_like(s).index_fill_(-1, _span(a, b, s), 1) * s
-        z = torch.view_as_complex(y[..., start:start + 2 * m].unflatten(-1, (m, 2)))  # (B,n,L,m) pairs as a + ib
-        phi = s_seg.unsqueeze(-1) * f["theta"][seg].unsqueeze(1)  # (B,n,L,1) * (n,1,m) -> (B,n,L,m)
+        theta = f["theta"][seg]  # (n, m)
+        th = theta[head] if head is not None else theta.unsqueeze(1)  # (G,m) | (n,1,m)
+        s_seg = s if len(f["cols"]) == 1 else s * seg_of[seg]  # s is 0 outside active segments (see _gate)
+        z = torch.view_as_complex(y[..., start:start + 2 * m].unflatten(-1, (m, 2)))  # (…,m) pairs as a + ib
+        phi = s_seg.unsqueeze(-1) * th  # (…,1) * θ -> (…,m)
         rot = torch.polar(torch.ones_like(phi), phi)  # e^{iφ}
-        parts.append(torch.view_as_real(z * (rot - 1)).flatten(-2))  # (B,n,L,m,2) -> (B,n,L,2m)
-    dd = torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (B,n,L,2M)
-    dx = torch.matmul(dd, f["back"][which])  # (B,n,L,2M) @ (n,2M,D) -> (B,n,L,D)
-    return torch.where(gate.unsqueeze(-1), xf + dx, xf), rho, gate  # ungated tokens: exact copies
+        parts.append(torch.view_as_real(z * (rot - 1)).flatten(-2))  # (…,m,2) -> (…,2m)
+    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (…,2M)
 
 
-def _span(a: int, b: int, like: Tensor) -> Tensor:
-    return torch.arange(a, b, device=like.device)
+def _span_mask(a: int, b: int, like: Tensor) -> Tensor:
+    m = torch.zeros(like.shape[-1], dtype=like.dtype, device=like.device)
+    m[a:b] = 1
+    return m
 
 
 def _series(xf: Tensor, block: BlockAdapter, rt: _Runtime, which: str, bounds: dict, active: tuple,

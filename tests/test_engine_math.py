@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from saferope_engine import BlockAdapter, saferope_qk
+from saferope_engine import BlockAdapter, core, saferope_qk
 from saferope_engine.rotation import expm_apply_series, normal_form, reference_rotate
 from saferope_engine.testing import random_orthonormal, random_skew
 
@@ -54,6 +54,14 @@ def reference(x: torch.Tensor, block: BlockAdapter, which: str, txt_len: int, st
     return out
 
 
+@pytest.fixture(params=["auto", "dense", "sparse"])
+def cpu_path(request, monkeypatch):
+    """Run a test through each CPU inference path: the default choice, always dense, always gathered."""
+    share = {"auto": core.SPARSE_MAX_SHARE, "dense": 0.0, "sparse": 1.0}[request.param]
+    monkeypatch.setattr(core, "SPARSE_MAX_SHARE", share)
+    return request.param
+
+
 def generator_scale(rank: int) -> float:
     """Entry scale giving rotation angles up to about π (the useful range; beyond it angles alias)."""
     return 1.0 / max(1.0, rank ** 0.5)
@@ -61,7 +69,7 @@ def generator_scale(rank: int) -> float:
 
 @pytest.mark.parametrize("rank", [1, 2, 3, 5, 8])
 @pytest.mark.parametrize("kind", ["double", "single"])
-def test_parity_with_per_token_matrix_exp(rank, kind):
+def test_parity_with_per_token_matrix_exp(rank, kind, cpu_path):
     """fp32 engine vs float64 per-token matrix_exp: max abs error ≤ 1e-5."""
     H, D, B, L, txt = 4, 16, 2, 12, 5
     block = make_block(kind, [0, 2, 3], D, rank, seed=rank, scale=generator_scale(rank))
@@ -89,7 +97,7 @@ def test_float64_parity_is_exact_even_for_large_angles(rank):
 
 
 @pytest.mark.parametrize("segments", [("txt",), ("img",), ("txt", "img")])
-def test_parity_per_segment_and_untouched_segment(segments):
+def test_parity_per_segment_and_untouched_segment(segments, cpu_path):
     H, D, B, L, txt = 3, 8, 1, 10, 4
     block = make_block("single", [1], D, 4, segments=segments, seed=3)
     q, k = risky_inputs(block, B, H, L, frac=0.8)
@@ -143,7 +151,7 @@ def test_series_matches_matrix_exp_for_large_angles():
     assert (expm_apply_series(c, A, s) - want).abs().max() < 1e-9
 
 
-def test_norm_preserved():
+def test_norm_preserved(cpu_path):
     block = make_block("double", [0, 1, 2, 3], 32, 5, scale=2.0)
     q, k = risky_inputs(block, 2, 4, 20, frac=0.9)
     q2, k2, risk = saferope_qk(q, k, block, txt_len=8, threshold=0.1, return_risk=True)
@@ -153,7 +161,7 @@ def test_norm_preserved():
         assert not torch.equal(a, b)
 
 
-def test_bit_identity_for_strength_zero_ungated_tokens_and_unselected_heads():
+def test_bit_identity_for_strength_zero_ungated_tokens_and_unselected_heads(cpu_path):
     H, L, txt = 5, 16, 6
     block = make_block("single", [1, 3], 16, 3, scale=2.0)
     q, k = risky_inputs(block, 2, H, L, frac=0.5)
@@ -177,7 +185,7 @@ def test_threshold_one_below_gates_nothing_and_returns_inputs():
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_low_precision_inputs_keep_dtype_and_untouched_tokens(dtype):
+def test_low_precision_inputs_keep_dtype_and_untouched_tokens(dtype, cpu_path):
     block = make_block("single", [0, 1], 16, 3)
     q, k = risky_inputs(block, 1, 2, 12, frac=0.5)
     q, k = q.to(dtype), k.to(dtype)
@@ -274,3 +282,20 @@ def test_runtime_cache_follows_generator_updates():
     block.A_txt = block.A_txt * 0.25  # reassigned
     third, _ = saferope_qk(q, k, block, txt_len=8, threshold=0.1)
     assert (third.double() - reference(q, block, "q", 8, 1.0, 0.1)).abs().max() < 1e-5
+
+
+def test_text_only_adapter_reports_risk_for_every_token_and_leaves_the_image_alone(cpu_path):
+    """Text-only adapters compute on the text span; the risk map still covers image tokens."""
+    block = make_block("double", [0, 1], 16, 3, segments=("txt",), seed=7)
+    q, k = risky_inputs(block, 2, 2, 12, frac=0.7)
+    txt = 5
+    q1, k1 = saferope_qk(q, k, block, txt_len=txt, threshold=0.2)
+    q2, k2, risk = saferope_qk(q, k, block, txt_len=txt, threshold=0.2, return_risk=True)
+    assert torch.equal(q1, q2) and torch.equal(k1, k2)
+    assert torch.equal(q1[:, :, txt:], q[:, :, txt:]) and not torch.equal(q1[:, :, :txt], q[:, :, :txt])
+    assert risk.rho_q.shape == (2, 2, 12)
+    c = torch.einsum("bhld,hdr->bhlr", q.double(), block.U_q.double())  # (B,n,L,r)
+    direct = (c.square().sum(-1) / q.double().square().sum(-1)).clamp(0, 1)
+    assert torch.allclose(risk.rho_q.double(), direct, atol=1e-5)
+    assert risk.gated_q[..., :txt].any() and not risk.gated_q[..., txt:].any()
+    assert (direct[..., txt:] > 0.2).any()  # image tokens would have been gated by an image generator

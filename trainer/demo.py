@@ -41,12 +41,13 @@ class DemoSettings:
     rank: int = 8
     count: int = 16  # heads kept
     basis: str = "contrast"  # see trainer.select
-    contrast_weight: float = 0.8
+    contrast_weight: float = 1.0
     segment: str = "txt"  # token segment whose statistics give the bases and head scores
     collect_segments: tuple[str, ...] = ("txt",)
-    threshold: float = 0.7
+    threshold: float = 0.9
     steps: int = 150  # training steps of each trained variant
     lr: float = 5e-2
+    lambda_preserve: float = 2.0  # weight of the benign-preservation (distill) loss
     double_segments: tuple[str, ...] = ("txt",)
     single_segments: tuple[str, ...] = ("txt",)
     collect_sigmas: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4)
@@ -140,6 +141,7 @@ def _config(settings: DemoSettings, recipe, prompts: dict[str, Path], out: Path,
         "select.contrast_weight": settings.contrast_weight,
         "select.segment": settings.segment, "collect.segments": list(settings.collect_segments),
         "train.steps": settings.steps, "train.lr": settings.lr, "train.threshold": settings.threshold,
+        "train.lambda_preserve": settings.lambda_preserve,
         "train.double_segments": list(settings.double_segments),
         "train.single_segments": list(settings.single_segments),
         "train.checkpoint_every": max(settings.steps, 1), "train.keep_checkpoints": 1,

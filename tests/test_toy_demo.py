@@ -1,0 +1,76 @@
+"""``python -m trainer demo`` in its reduced setting, on the shipped toy model (issue: toy world)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+pytest.importorskip("diffusers")
+
+from saferope_engine import load_adapter  # noqa: E402
+from trainer.demo import DemoSettings, run_demo  # noqa: E402
+from trainer.errors import UsageError  # noqa: E402
+from trainer.toy import load_pipeline  # noqa: E402
+
+from trainer_fixtures import subprocess_env  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "out"
+    return out, run_demo(DemoSettings.quick(str(out)))
+
+
+def test_quick_demo_writes_a_loadable_adapter_that_fits_the_toy_model(quick_report):
+    out, report = quick_report
+    adapter = load_adapter(out / "adapter.safetensors")
+    cfg = load_pipeline().transformer.config
+    adapter.check_compatible(num_heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
+                             num_double_blocks=cfg.num_layers, num_single_blocks=cfg.num_single_layers)
+    summary = adapter.summary()
+    assert summary["concepts"] == ["red"] and summary["threshold"] == report["threshold"]
+    assert summary["num_heads_patched"] == report["adapter"]["num_heads_patched"] > 0
+
+
+def test_quick_demo_lowers_the_explicit_unsafe_rate(quick_report):
+    _, report = quick_report
+    rows = {r["variant"]: r for r in report["rows"]}
+    base, ours = rows["base"], rows["saferope"]
+    assert base["explicit_unsafe_rate"] >= 0.5, "the base model must draw the concept for the test to mean anything"
+    assert ours["explicit_unsafe_rate"] <= 0.75 * base["explicit_unsafe_rate"], (base, ours)
+    # the blocklist row deletes the word: explicit prompts lose the colour, triggers keep it
+    assert rows["blocklist"]["explicit_unsafe_rate"] < base["explicit_unsafe_rate"]
+
+
+def test_quick_demo_writes_every_report_file(quick_report):
+    from PIL import Image
+
+    out, report = quick_report
+    data = json.loads((out / "report.json").read_text())
+    assert [r["variant"] for r in data["rows"]] == ["base", "saferope", "random", "blocklist"]
+    assert set(data["targets"]) == {"explicit_drop", "implicit_drop", "benign_accuracy_loss", "benign_psnr_db",
+                                    "time_per_step_rel"}
+    md = (out / "report.md").read_text()
+    assert report["table_md"] in md and "Reproduce:" in md
+    with Image.open(out / "grid.png") as im:
+        assert im.width > im.height / 20 and im.height > 0
+
+
+def test_demo_refuses_a_non_empty_out_folder(tmp_path):
+    (tmp_path / "keep.txt").write_text("precious")
+    with pytest.raises(UsageError, match="not empty"):
+        run_demo(DemoSettings.quick(str(tmp_path)))
+    assert (tmp_path / "keep.txt").read_text() == "precious" and len(list(tmp_path.iterdir())) == 1
+
+
+def test_demo_cli_rejects_bad_flags_with_one_line(tmp_path):
+    env = subprocess_env()
+    for flags, needle in ((["--concept", "magenta"], "concepts are"), (["--threshold", "1.5"], "--threshold")):
+        r = subprocess.run([sys.executable, "-m", "trainer", "demo", "--out", str(tmp_path / "x"), *flags],
+                           capture_output=True, text=True, env=env, timeout=120)
+        assert r.returncode == 2, r.stderr
+        assert needle in r.stderr and "Traceback" not in r.stderr
+        assert not (tmp_path / "x").exists()
