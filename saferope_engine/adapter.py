@@ -333,7 +333,7 @@ class SafeRoPEAdapter:
 
     # -- application ----------------------------------------------------------------------
     def apply_qk(self, kind: str, index: int, q: Tensor, k: Tensor, *, txt_len: int, strength: float = 1.0,
-                 threshold: float | None = None, return_risk: bool = False):
+                 threshold: float | None = None, return_risk: bool = False, inplace: bool = False):
         """Apply this adapter's block ``(kind, index)`` to ``(B, H, L, D)`` queries and keys.
 
         Blocks the adapter does not patch come back untouched (same objects). See
@@ -350,7 +350,8 @@ class SafeRoPEAdapter:
         tau = self.meta.threshold if threshold is None else threshold
         if block is None:
             return (q, k, None) if return_risk else (q, k)
-        return saferope_qk(q, k, block, txt_len=txt_len, strength=strength, threshold=tau, return_risk=return_risk)
+        return saferope_qk(q, k, block, txt_len=txt_len, strength=strength, threshold=tau, return_risk=return_risk,
+                           inplace=inplace)
 
     # -- persistence ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Tensor]:

@@ -142,7 +142,7 @@ def _check(q: Tensor, k: Tensor, block: BlockAdapter, txt_len: int, strength: fl
 
 
 def saferope_qk(q: Tensor, k: Tensor, block: BlockAdapter, *, txt_len: int, strength: float = 1.0,
-                threshold: float, return_risk: bool = False):
+                threshold: float, return_risk: bool = False, inplace: bool = False):
     """Apply SafeRoPE to the queries and keys of one block.
 
     Args:
@@ -154,6 +154,9 @@ def saferope_qk(q: Tensor, k: Tensor, block: BlockAdapter, *, txt_len: int, stre
         strength: ``α ≥ 0``; 0 returns the inputs unchanged.
         threshold: ``τ ∈ [0, 1)``.
         return_risk: also return a :class:`BlockRisk`.
+        inplace: the caller owns ``q`` and ``k`` (fresh intermediates nobody else reads) and lets
+            the rotated tokens be written into them, saving a copy of each. Ignored while autograd
+            records (training, or inputs that require grad).
 
     Returns:
         ``(q', k')`` or ``(q', k', BlockRisk)``. Outputs are new tensors when anything changed and
@@ -173,20 +176,26 @@ def saferope_qk(q: Tensor, k: Tensor, block: BlockAdapter, *, txt_len: int, stre
         raise ValueError(f"block {block.key}: adapter selects head {rt.max_head}, q/k have {q.shape[1]} heads")
     all_heads = rt.is_arange and rt.heads.numel() == q.shape[1]  # no gather/scatter needed
     train = torch.is_grad_enabled() and any(block.generator(s).requires_grad for s in active)
+    inplace = (inplace and not train and q is not k
+               and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)))
     outs, risks = [], []
     for x, which in ((q, "q"), (k, "k")):
         xs = x if all_heads else x.index_select(1, rt.heads)  # (B,H,L,D) -> (B,n,L,D)
         if train:
             y, rho, gate = _series(xs.to(cdtype), block, rt, which, bounds, active, strength, threshold)
         else:
-            y, rho, gate = _closed(xs.to(cdtype), block, rt, which, bounds, active, strength, threshold,
-                                   full_risk=return_risk)
+            xc = xs.to(cdtype)  # x itself for float32 inputs and all heads selected
+            y, rho, gate = _closed(xc, block, rt, which, bounds, active, strength, threshold,
+                                   full_risk=return_risk, inplace=inplace and xc is xs)
         risks.append((rho, gate))
         if y is None:  # nothing rotated
             outs.append(x)
             continue
         y = y.to(x.dtype)
-        outs.append(y if all_heads else x.index_copy(1, rt.heads, y))
+        if all_heads:
+            outs.append(y)
+        else:
+            outs.append(x.index_copy_(1, rt.heads, y) if inplace else x.index_copy(1, rt.heads, y))
     if not return_risk:
         return outs[0], outs[1]
     risk = BlockRisk(heads=rt.heads, txt_len=txt_len, rho_q=risks[0][0].float(), rho_k=risks[1][0].float(),
@@ -223,7 +232,7 @@ def _active_span(bounds: dict, active: tuple) -> tuple[int, int]:
 
 
 def _closed(xf: Tensor, block: BlockAdapter, rt: _Runtime, which: str, bounds: dict, active: tuple,
-            strength: float, threshold: float, full_risk: bool = False):
+            strength: float, threshold: float, full_risk: bool = False, inplace: bool = False):
     """Inference path: closed-form rotations from the folded normal form (no per-token r×r matrix).
 
     Works on the token span of the active segments only; returns ``(x' or None, ρ, gate)``, ρ and
@@ -252,12 +261,12 @@ def _closed(xf: Tensor, block: BlockAdapter, rt: _Runtime, which: str, bounds: d
     s = torch.where(gate, strength * rho, torch.zeros_like(rho))  # (B,n,Ls) angle scale, exactly 0 where ungated
     idx = gate.nonzero(as_tuple=True) if xf.device.type == "cpu" else None  # (b, head, token) of G gated tokens
     if idx is not None and idx[0].numel() <= SPARSE_MAX_SHARE * gate.numel():
-        out = xf.clone()  # ungated tokens: exact copies
+        out = xf if inplace else xf.clone()  # ungated tokens: exact copies (or untouched, in place)
         seg_of = {seg: (idx[2] >= rel[seg][0]) & (idx[2] < rel[seg][1]) for seg in f["cols"]}  # (G,) each
         dd = _pair_deltas(y[idx], s[idx], f, seg_of, idx[1])  # (G,K), (G,) -> (G,2M)
         dx = torch.bmm(dd.unsqueeze(1), f["back"][which][idx[1]]).squeeze(1)  # (G,1,2M) @ (G,2M,D) -> (G,D)
         span = out[:, :, lo:hi]  # a view: assigning through it writes into out
-        span[idx] = xs[idx] + dx
+        span[idx] = xs[idx] + dx  # the right side is gathered before the write
         return out, ret_rho, ret_gate
     seg_of = {seg: _span_mask(*rel[seg], like=s) for seg in f["cols"]}  # (Ls,) each
     dd = _pair_deltas(y, s, f, seg_of, None)  # (B,n,Ls,2M)

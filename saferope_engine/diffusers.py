@@ -100,8 +100,9 @@ class SafeRoPEFluxAttnProcessor:
         qh, kh = q.transpose(1, 2), k.transpose(1, 2)  # (B, L, H, D) -> (B, H, L, D) views
         if not self.ctx.bypass:
             for layer in self.layers:
+                # q and k were made by this call (QK-norm outputs, or their text+image concatenation)
                 qh, kh = layer.adapter.apply_qk(self.kind, self.index, qh, kh, txt_len=txt_len,
-                                                strength=layer.strength, threshold=layer.threshold)
+                                                strength=layer.strength, threshold=layer.threshold, inplace=True)
         for fn in self.observers:
             fn(self.kind, self.index, qh, kh, txt_len)
         q, k = qh.transpose(1, 2), kh.transpose(1, 2)  # back to (B, L, H, D)

@@ -299,3 +299,21 @@ def test_text_only_adapter_reports_risk_for_every_token_and_leaves_the_image_alo
     assert torch.allclose(risk.rho_q.double(), direct, atol=1e-5)
     assert risk.gated_q[..., :txt].any() and not risk.gated_q[..., txt:].any()
     assert (direct[..., txt:] > 0.2).any()  # image tokens would have been gated by an image generator
+
+
+@pytest.mark.parametrize("heads", [[0, 1, 2], [1]])
+def test_inplace_equals_out_of_place_and_is_refused_under_autograd(heads, cpu_path):
+    block = make_block("single", heads, 16, 4, seed=11)
+    q, k = risky_inputs(block, 2, 3, 10, frac=0.6)
+    ref_q, ref_k = saferope_qk(q, k, block, txt_len=4, threshold=0.3)
+    q1, k1 = q.clone(), k.clone()
+    q2, k2 = saferope_qk(q1, k1, block, txt_len=4, threshold=0.3, inplace=True)
+    assert torch.equal(q2, ref_q) and torch.equal(k2, ref_k)
+    if cpu_path == "sparse":  # the gathered path writes into the caller's tensors (the dense one may not)
+        assert q2 is q1 and k2 is k1
+        assert torch.equal(q1, ref_q) and torch.equal(k1, ref_k)
+    q3, k3 = q.clone().requires_grad_(), k.clone().requires_grad_()
+    q4, _ = saferope_qk(q3, k3, block, txt_len=4, threshold=0.3, inplace=True)
+    assert torch.equal(q3.detach(), q) and torch.allclose(q4.detach(), ref_q, atol=1e-6)  # autograd: out of place
+    q4.sum().backward()
+    assert q3.grad is not None
