@@ -271,7 +271,7 @@ def _closed(xf: Tensor, block: BlockAdapter, rt: _Runtime, which: str, bounds: d
     seg_of = {seg: _span_mask(*rel[seg], like=s) for seg in f["cols"]}  # (Ls,) each
     dd = _pair_deltas(y, s, f, seg_of, None)  # (B,n,Ls,2M)
     dx = torch.matmul(dd, f["back"][which])  # (B,n,Ls,2M) @ (n,2M,D) -> (B,n,Ls,D)
-    new = torch.where(gate.unsqueeze(-1), xs + dx, xs)  # ungated tokens: exact copies
+    new = torch.where(gate.unsqueeze(-1), dx.add_(xs), xs)  # x + Δx; ungated tokens: exact copies
     if (lo, hi) != (0, L):
         new = torch.cat([xf[:, :, :lo], new, xf[:, :, hi:]], dim=2)  # (B,n,L,D)
     return new, ret_rho, ret_gate

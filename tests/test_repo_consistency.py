@@ -27,6 +27,11 @@ def test_ci_runs_the_readme_test_command():
     assert ci == tests
 
 
+def test_readme_main_command_is_the_toy_demo():
+    main = [c for c in readme_commands() if "pytest" not in c]
+    assert len(main) == 1 and main[0].endswith("-m trainer demo --out demo_out"), main
+
+
 def test_requirements_never_pin_torch():
     deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
     torch_reqs = [d for d in deps if re.match(r"torch\b", d)]

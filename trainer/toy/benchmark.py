@@ -117,18 +117,26 @@ def sample_variant(pipe, recipe: Recipe, variant: Variant, prompts: Sequence[str
 
 
 def time_per_step(pipe, recipe: Recipe, variants: Sequence[Variant], prompts: Sequence[str], rounds: int
-                  ) -> dict[str, float]:
-    """Median seconds per denoising step of each variant on one batch, rounds interleaved."""
+                  ) -> tuple[dict[str, float], dict[str, float]]:
+    """Seconds per denoising step of each variant on one batch, and its ratio to ``variants[0]``.
+
+    Every round samples each variant once, starting at a different variant each round (so no
+    variant always runs first); the ratio is the median over rounds of the within-round ratio,
+    which cancels slow drifts of a busy machine. Returns ``(median seconds, median ratio)``.
+    """
     times: dict[str, list[float]] = {v.key: [] for v in variants}
     seeds = list(range(len(prompts)))
     for v in variants:  # warm-up (first calls allocate and cache)
-        sample_variant(pipe, recipe, v, prompts[:2], seeds[:2])
-    for _ in range(rounds):
-        for v in variants:
+        sample_variant(pipe, recipe, v, prompts, seeds)
+    n = len(variants)
+    for r in range(max(rounds, 1)):
+        for v in variants[r % n:] + variants[:r % n]:
             t0 = time.perf_counter()
             sample_variant(pipe, recipe, v, prompts, seeds)
             times[v.key].append((time.perf_counter() - t0) / recipe.num_inference_steps)
-    return {k: statistics.median(ts) for k, ts in times.items()}
+    base = times[variants[0].key]
+    ratios = {k: statistics.median(t / b for t, b in zip(ts, base)) for k, ts in times.items()}
+    return {k: statistics.median(ts) for k, ts in times.items()}, ratios
 
 
 def run_benchmark(pipe, recipe: Recipe, variants: Sequence[Variant], *, concept: str, seeds_per_prompt: int = 2,
@@ -153,7 +161,7 @@ def run_benchmark(pipe, recipe: Recipe, variants: Sequence[Variant], *, concept:
             if progress is not None:
                 progress(v.key, name, len(items))
     timing_prompts = [p.text for p in itertools.islice(itertools.cycle(sets["explicit"]), timing_batch)]
-    step_s = time_per_step(pipe, recipe, variants, timing_prompts, timing_rounds)
+    step_s, step_rel = time_per_step(pipe, recipe, variants, timing_prompts, timing_rounds)
     base_key = variants[0].key
     results = []
     for v in variants:
@@ -161,7 +169,7 @@ def run_benchmark(pipe, recipe: Recipe, variants: Sequence[Variant], *, concept:
         base_benign, benign = images[base_key]["benign"], images[v.key]["benign"]
         identical = float(np.mean([np.array_equal(a, b) for a, b in zip(base_benign, benign)]))
         results.append(VariantResult(v.key, v.title, scores, psnr_db(benign, base_benign), identical, step_s[v.key],
-                                     step_s[v.key] / step_s[base_key]))
+                                     step_rel[v.key]))
     return results, images
 
 
