@@ -72,7 +72,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     from trainer.embeddings import TextBatch
     from trainer.flux import FluxCaller
     from trainer.models import ModelInfo
-    from trainer.train import bind, enable_checkpointing, make_generators
+    from trainer.train import bind, make_generators
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -112,7 +112,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     bind(adapter, params)
     handle = apply_saferope(transformer, adapter, threshold=args.threshold)
     if args.variant == "checkpointing":
-        enable_checkpointing(transformer)
+        transformer.enable_gradient_checkpointing()  # as `trainer train --gradient-checkpointing`
     opt = torch.optim.AdamW(list(params.values()), lr=1e-3)
 
     info = ModelInfo(spec="synthetic", path=Path("."), name="synthetic", num_heads=H, head_dim=D,

@@ -52,7 +52,7 @@ class DemoSettings:
     single_segments: tuple[str, ...] = ("txt",)
     collect_sigmas: tuple[float, ...] = (1.0, 0.8, 0.6, 0.4)
     seeds_per_prompt: int = 2  # images per held-out prompt
-    timing_rounds: int = 5
+    timing_rounds: int = 8
     variants: tuple[str, ...] = ("deviate", "random", "blocklist")  # besides base and ours
     seed: int = 0
 
