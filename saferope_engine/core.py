@@ -48,9 +48,13 @@ class BlockRisk:
 def latent_risk(x: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
     """LRS of ``(B, n, L, D)`` vectors against ``(n, D, r)`` bases. Returns ``(rho, c)``."""
     c = torch.matmul(x, U)  # (B,n,L,D) @ (n,D,r) -> (B,n,L,r)
-    energy = torch.linalg.vector_norm(x, dim=-1).square()  # (B,n,L), one pass over x
-    rho = (c.square().sum(-1) / energy.clamp_min(_EPS)).clamp(0.0, 1.0)  # (B,n,L)
-    return rho, c
+    return _rho(c, x), c
+
+
+def _rho(c: Tensor, x: Tensor) -> Tensor:
+    """``clamp(‖c‖² / ‖x‖², 0, 1)``: ``c`` ``(…, r)`` coefficients of ``x`` ``(…, D)`` -> ``(…)``."""
+    energy = torch.linalg.vector_norm(x, dim=-1).square()  # one pass over x
+    return (c.square().sum(-1) / energy.clamp_min(_EPS)).clamp(0.0, 1.0)
 
 
 class _Runtime:
@@ -181,10 +185,10 @@ def saferope_qk(q: Tensor, k: Tensor, block: BlockAdapter, *, txt_len: int, stre
     outs, risks = [], []
     for x, which in ((q, "q"), (k, "k")):
         xs = x if all_heads else x.index_select(1, rt.heads)  # (B,H,L,D) -> (B,n,L,D)
+        xc = xs.to(cdtype)  # xs itself for float32 inputs
         if train:
-            y, rho, gate = _series(xs.to(cdtype), block, rt, which, bounds, active, strength, threshold)
+            y, rho, gate = _series(xc, block, rt, which, bounds, active, strength, threshold)
         else:
-            xc = xs.to(cdtype)  # x itself for float32 inputs and all heads selected
             y, rho, gate = _closed(xc, block, rt, which, bounds, active, strength, threshold,
                                    full_risk=return_risk, inplace=inplace and xc is xs)
         risks.append((rho, gate))
@@ -245,9 +249,8 @@ def _closed(xf: Tensor, block: BlockAdapter, rt: _Runtime, which: str, bounds: d
     xs = xf[:, :, lo:hi]  # (B,n,L,D) -> (B,n,Ls,D) view
     rel = {seg: (min(max(a - lo, 0), hi - lo), min(max(b - lo, 0), hi - lo)) for seg, (a, b) in bounds.items()}
     y = torch.matmul(xs, f["proj"][which])  # (B,n,Ls,D) @ (n,D,K) -> (B,n,Ls,K): [d_txt | d_img | c | pad]
-    energy = torch.linalg.vector_norm(xs, dim=-1).square()  # (B,n,Ls), one pass over x
-    rho = (y[..., r0:r0 + r].square().sum(-1) / energy.clamp_min(_EPS)).clamp(0.0, 1.0)  # (B,n,Ls)
-    gate = _gate(rho, rel, active, threshold)
+    rho = _rho(y[..., r0:r0 + r], xs)  # (B,n,Ls)
+    gate = rho > threshold  # every token of the span is in an active segment
     if full_risk and (lo, hi) != (0, L):  # the risk map covers every token; nothing outside the span is gated
         rho_all = torch.cat([latent_risk(xf[:, :, :lo], rt.U[which])[0], rho,
                              latent_risk(xf[:, :, hi:], rt.U[which])[0]], dim=2)  # (B,n,L)
@@ -256,10 +259,13 @@ def _closed(xf: Tensor, block: BlockAdapter, rt: _Runtime, which: str, bounds: d
         ret_rho, ret_gate = rho_all, gate_all
     else:
         ret_rho, ret_gate = rho, gate
-    if _nothing_to_do(xf, gate, strength) or not f["cols"]:
+    if strength == 0.0 or not f["cols"]:
+        return None, ret_rho, ret_gate
+    # On the CPU the gated tokens' positions are free to read: none -> nothing to do; few -> gather them.
+    idx = gate.nonzero(as_tuple=True) if xf.device.type == "cpu" else None  # (b, head, token) of G gated tokens
+    if idx is not None and idx[0].numel() == 0:
         return None, ret_rho, ret_gate
     s = torch.where(gate, strength * rho, torch.zeros_like(rho))  # (B,n,Ls) angle scale, exactly 0 where ungated
-    idx = gate.nonzero(as_tuple=True) if xf.device.type == "cpu" else None  # (b, head, token) of G gated tokens
     if idx is not None and idx[0].numel() <= SPARSE_MAX_SHARE * gate.numel():
         out = xf if inplace else xf.clone()  # ungated tokens: exact copies (or untouched, in place)
         seg_of = {seg: (idx[2] >= rel[seg][0]) & (idx[2] < rel[seg][1]) for seg in f["cols"]}  # (G,) each
@@ -288,7 +294,7 @@ def _pair_deltas(y: Tensor, s: Tensor, f: dict, seg_of: dict, head: Tensor | Non
     for seg, (start, m) in f["cols"].items():
         theta = f["theta"][seg]  # (n, m)
         th = theta[head] if head is not None else theta.unsqueeze(1)  # (G,m) | (n,1,m)
-        s_seg = s if len(f["cols"]) == 1 else s * seg_of[seg]  # s is 0 outside active segments (see _gate)
+        s_seg = s if len(f["cols"]) == 1 else s * seg_of[seg]  # s is 0 outside the span's active segments
         z = torch.view_as_complex(y[..., start:start + 2 * m].unflatten(-1, (m, 2)))  # (…,m) pairs as a + ib
         phi = s_seg.unsqueeze(-1) * th  # (…,1) * θ -> (…,m)
         rot = torch.polar(torch.ones_like(phi), phi)  # e^{iφ}
