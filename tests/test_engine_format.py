@@ -111,14 +111,6 @@ BAD_TENSORS = [
 ]
 
 
-@pytest.mark.parametrize("label,mutate,pattern", BAD_TENSORS, ids=[b[0] for b in BAD_TENSORS])
-def test_malformed_tensors_are_rejected_with_file_and_tensor_named(saved, label, mutate, pattern):
-    rewrite(saved, tensors=mutate)
-    with pytest.raises(AdapterFormatError, match=pattern) as e:
-        load_adapter(saved)
-    assert str(saved) in str(e.value)
-
-
 BAD_META = [
     ("no metadata", lambda m: {}, "metadata.*missing"),
     ("wrong format", lambda m: {**m, "format": "lora"}, "'format'"),
@@ -138,9 +130,12 @@ BAD_META = [
 ]
 
 
-@pytest.mark.parametrize("label,mutate,pattern", BAD_META, ids=[b[0] for b in BAD_META])
-def test_malformed_metadata_is_rejected(saved, label, mutate, pattern):
-    rewrite(saved, metadata=mutate)
+BAD_FILES = [("tensors", *b) for b in BAD_TENSORS] + [("metadata", *b) for b in BAD_META]
+
+
+@pytest.mark.parametrize("part,label,mutate,pattern", BAD_FILES, ids=[f"{b[0]}: {b[1]}" for b in BAD_FILES])
+def test_malformed_files_are_rejected_with_the_file_named(saved, part, label, mutate, pattern):
+    rewrite(saved, **{part: mutate})
     with pytest.raises(AdapterFormatError, match=pattern) as e:
         load_adapter(saved)
     assert str(saved) in str(e.value)
