@@ -261,7 +261,6 @@ def _make_pre_hook(ctx: _CallContext):
         enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
         if enc is None:
             raise HookNotRunError("SafeRoPE: the FLUX transformer was called without encoder_hidden_states")
-        ctx.txt_len = int(enc.shape[1])
         ctx.ran.clear()
         return None
 
@@ -271,8 +270,10 @@ def _make_pre_hook(ctx: _CallContext):
 def _make_block_pre_hook(ctx: _CallContext):
     def block_pre_hook(module, args, kwargs):
         enc = kwargs.get("encoder_hidden_states", args[1] if len(args) > 1 else None)
-        if isinstance(enc, Tensor) and enc.ndim == 3:  # diffusers ≥ 0.35 passes the text stream separately
-            ctx.txt_len = int(enc.shape[1])
+        if not (isinstance(enc, Tensor) and enc.ndim == 3):  # (B, T, C): diffusers ≥ 0.35 passes it separately
+            raise HookNotRunError("SafeRoPE: a FLUX single block was called without its text stream "
+                                  "(encoder_hidden_states); cannot split text from image tokens")
+        ctx.txt_len = int(enc.shape[1])  # the only writer: a re-run block (checkpointing) sees its own split
         return None
 
     return block_pre_hook
@@ -285,6 +286,7 @@ def _make_post_hook(ctx: _CallContext):
             raise HookNotRunError(f"SafeRoPE: patched blocks {sorted(missing)} did not run their SafeRoPE "
                                   "processor during this call (processors replaced or blocks skipped); "
                                   "the output would be unprotected")
+        ctx.txt_len = None  # a single block run outside a model call must not reuse this call's split
         return None
 
     return post_hook
