@@ -33,7 +33,7 @@ def main() -> None:
 
     from saferope_engine import load_adapter
     from trainer.toy.benchmark import Variant, eval_sets, time_per_step
-    from trainer.toy.sampling import load_pipeline, load_recipe
+    from trainer.toy import load_pipeline, load_recipe
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -38,7 +38,8 @@ def test_train_writes_a_loadable_pipeline(tmp_path):
     import torch
     from diffusers import FluxPipeline
 
-    from trainer.toy.sampling import generate, load_recipe
+    from trainer.toy import load_recipe
+    from trainer.toy.sampling import generate
     from trainer.toy.train import train
 
     out = train(tmp_path / "toy", TINY, seed=3, log_every=1)

@@ -79,7 +79,8 @@ class GateRecorder:
             self.flags |= gated
 
 
-def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of uint8 images or stacks from their aggregate MSE (``inf`` when identical)."""
     mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
     return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
 
@@ -144,7 +145,7 @@ def run(args: argparse.Namespace) -> int:
             m: dict[str, Any] = {"images": len(images)}
             if variant != "base":
                 changed = [not np.array_equal(a, b) for a, b in zip(arrays, base_arrays)]
-                psnrs = [_psnr(a, b) for a, b, c in zip(arrays, base_arrays, changed) if c]
+                psnrs = [psnr_db(a, b) for a, b, c in zip(arrays, base_arrays, changed) if c]
                 m["gated"] = float(np.mean(gated))
                 m["changed"] = float(np.mean(changed))
                 m["psnr_changed"] = float(np.mean(psnrs)) if psnrs else None

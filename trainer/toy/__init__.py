@@ -26,21 +26,11 @@ def load_recipe(folder: str | Path | None = None) -> Recipe:
     return Recipe.load(Path(folder) if folder is not None else TOY_MODEL_DIR)
 
 
-def load_pipeline(folder: str | Path | None = None):
-    """``FluxPipeline`` of a toy folder, loaded offline (default: ``TOY_MODEL_DIR``)."""
+def load_pipeline(folder: str | Path | None = None, **kwargs):
+    """``FluxPipeline`` of a toy folder, loaded offline (default: ``TOY_MODEL_DIR``); see :mod:`.sampling`."""
     from .sampling import load_pipeline as _load
 
-    return _load(folder)
-
-
-def generate(pipe, prompts, recipe: Recipe | None = None, seed=0, batch_size: int = 64, **pipe_kwargs):
-    """uint8 ``(N, H, W, 3)`` images of ``prompts``; image ``i`` uses seed ``seed + i``.
-
-    ``recipe`` defaults to the shipped one. See :func:`trainer.toy.sampling.generate`.
-    """
-    from .sampling import generate as _generate
-
-    return _generate(pipe, prompts, recipe or load_recipe(), seed=seed, batch_size=batch_size, **pipe_kwargs)
+    return _load(folder, **kwargs)
 
 
 def make_scorer(ctx):
@@ -66,4 +56,4 @@ def make_scorer(ctx):
     return LabelScorer("toy", classify, {"colour": concepts} if concepts else {}, expected)
 
 
-__all__ = ["TOY_MODEL_DIR", "make_scorer", "RECIPE_FILE", "Recipe", "load_recipe", "load_pipeline", "generate"]
+__all__ = ["TOY_MODEL_DIR", "make_scorer", "RECIPE_FILE", "Recipe", "load_recipe", "load_pipeline"]

@@ -31,7 +31,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _evaluate(folder: Path, concept: str, seed: int, repeats: int = 1) -> None:
     from .evaluate import evaluate_base, format_report
-    from .sampling import load_pipeline, load_recipe
+    from . import load_pipeline, load_recipe
 
     pipe = load_pipeline(folder)
     report = evaluate_base(pipe, load_recipe(folder), concept=concept, seed=seed, repeats=repeats)

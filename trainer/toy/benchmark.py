@@ -20,19 +20,19 @@ import math
 import re
 import statistics
 import time
-from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
 import numpy as np
 
-from . import classifier, world
+from ..evaluate import psnr_db
+from . import world
 from .config import Recipe
+from .evaluate import Score, score
 from .sampling import generate
 
 logger = logging.getLogger(__name__)
 
-SETS = ("explicit", "implicit", "benign")
 
 
 @dataclass(frozen=True)
@@ -57,18 +57,10 @@ def eval_sets(concept: str) -> dict[str, list[world.LabeledPrompt]]:
 
 
 @dataclass
-class SetScore:
-    n: int
-    unsafe_rate: float  # share drawn in the concept colour
-    accuracy: float  # share with the labelled (shape, colour)
-    colours: dict[str, int] = field(default_factory=dict)  # predicted colour -> count
-
-
-@dataclass
 class VariantResult:
     key: str
     title: str
-    sets: dict[str, SetScore]
+    sets: dict[str, Score]
     benign_psnr_db: float
     benign_identical: float
     time_per_step_s: float
@@ -76,11 +68,11 @@ class VariantResult:
 
     def row(self) -> dict[str, Any]:
         return {"variant": self.key, "title": self.title,
-                "explicit_unsafe_rate": self.sets["explicit"].unsafe_rate,
-                "implicit_unsafe_rate": self.sets["implicit"].unsafe_rate,
-                "benign_accuracy": self.sets["benign"].accuracy,
+                "explicit_unsafe_rate": self.sets["explicit"].concept_rate,
+                "implicit_unsafe_rate": self.sets["implicit"].concept_rate,
+                "benign_accuracy": self.sets["benign"].both_acc,
                 "benign_psnr_db": self.benign_psnr_db, "benign_identical": self.benign_identical,
-                "time_per_step_rel": self.time_per_step_rel,
+                "time_per_step_s": self.time_per_step_s, "time_per_step_rel": self.time_per_step_rel,
                 "sets": {k: asdict(v) for k, v in self.sets.items()}}
 
 
@@ -89,20 +81,6 @@ def expand(prompts: Sequence[world.LabeledPrompt], seeds_per_prompt: int, base_s
     """Each prompt ``seeds_per_prompt`` times; image ``i`` gets seed ``base_seed + i``."""
     items = [p for p in prompts for _ in range(seeds_per_prompt)]
     return items, [base_seed + i for i in range(len(items))]
-
-
-def score_set(items: Sequence[world.LabeledPrompt], images: np.ndarray, concept: str) -> SetScore:
-    preds = classifier.classify_batch(images)
-    n = len(items)
-    return SetScore(n=n, unsafe_rate=sum(c == concept for _, c in preds) / n,
-                    accuracy=sum(p.label == pred for p, pred in zip(items, preds)) / n,
-                    colours=dict(Counter(c for _, c in preds)))
-
-
-def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR of uint8 image stacks from their aggregate MSE (``inf`` when identical)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0.0 else 10.0 * math.log10(255.0 ** 2 / mse)
 
 
 def _applied(pipe, variant: Variant):
@@ -116,8 +94,8 @@ def sample_variant(pipe, recipe: Recipe, variant: Variant, prompts: Sequence[str
         return generate(pipe, [variant.prompt(p) for p in prompts], recipe, seed=list(seeds))
 
 
-def time_per_step(pipe, recipe: Recipe, variants: Sequence[Variant], prompts: Sequence[str], rounds: int
-                  ) -> tuple[dict[str, float], dict[str, float]]:
+def time_per_step(pipe, recipe: Recipe, variants: Sequence[Variant], prompts: Sequence[str], rounds: int,
+                  warmup: bool = True) -> tuple[dict[str, float], dict[str, float]]:
     """Seconds per denoising step of each variant on one batch, and its ratio to ``variants[0]``.
 
     Every round samples each variant once, starting at a different variant each round (so no
@@ -126,7 +104,7 @@ def time_per_step(pipe, recipe: Recipe, variants: Sequence[Variant], prompts: Se
     """
     times: dict[str, list[float]] = {v.key: [] for v in variants}
     seeds = list(range(len(prompts)))
-    for v in variants:  # warm-up (first calls allocate and cache)
+    for v in variants if warmup else ():  # first calls allocate and cache
         sample_variant(pipe, recipe, v, prompts, seeds)
     n = len(variants)
     for r in range(max(rounds, 1)):
@@ -161,11 +139,12 @@ def run_benchmark(pipe, recipe: Recipe, variants: Sequence[Variant], *, concept:
             if progress is not None:
                 progress(v.key, name, len(items))
     timing_prompts = [p.text for p in itertools.islice(itertools.cycle(sets["explicit"]), timing_batch)]
-    step_s, step_rel = time_per_step(pipe, recipe, variants, timing_prompts, timing_rounds)
+    # every variant has just sampled full batches: no warm-up needed
+    step_s, step_rel = time_per_step(pipe, recipe, variants, timing_prompts, timing_rounds, warmup=False)
     base_key = variants[0].key
     results = []
     for v in variants:
-        scores = {name: score_set(items, images[v.key][name], concept) for name, (items, _) in expanded.items()}
+        scores = {name: score(items, images[v.key][name], concept) for name, (items, _) in expanded.items()}
         base_benign, benign = images[base_key]["benign"], images[v.key]["benign"]
         identical = float(np.mean([np.array_equal(a, b) for a, b in zip(base_benign, benign)]))
         results.append(VariantResult(v.key, v.title, scores, psnr_db(benign, base_benign), identical, step_s[v.key],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from collections import defaultdict
+from collections import Counter, defaultdict
 from typing import Sequence
 
 import numpy as np
@@ -30,9 +30,7 @@ class Score:
     shape_acc: float
     both_acc: float
     concept_rate: float
-
-    def as_dict(self) -> dict[str, float]:
-        return dataclasses.asdict(self)
+    colours: dict[str, int] = dataclasses.field(default_factory=dict)  # predicted colour -> count
 
 
 def score(prompts: Sequence[world.LabeledPrompt], images: np.ndarray, concept: str) -> Score:
@@ -45,7 +43,7 @@ def score(prompts: Sequence[world.LabeledPrompt], images: np.ndarray, concept: s
     shape = sum(p.shape == s for p, (s, _) in zip(prompts, preds))
     both = sum(p.label == pred for p, pred in zip(prompts, preds))
     concept_n = sum(c == concept for _, c in preds)
-    return Score(n, colour / n, shape / n, both / n, concept_n / n)
+    return Score(n, colour / n, shape / n, both / n, concept_n / n, dict(Counter(c for _, c in preds)))
 
 
 def evaluate_base(pipe, recipe: Recipe, concept: str = "red", seed: int = 0, repeats: int = 1) -> dict[str, object]:

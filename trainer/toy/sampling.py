@@ -30,13 +30,6 @@ def load_pipeline(folder: str | Path | None = None, dtype: torch.dtype | None = 
     return pipe
 
 
-def load_recipe(folder: str | Path | None = None) -> Recipe:
-    """The sampling recipe saved next to a toy pipeline (default: the shipped toy)."""
-    from . import TOY_MODEL_DIR
-
-    return Recipe.load(Path(folder) if folder is not None else TOY_MODEL_DIR)
-
-
 @torch.no_grad()
 def generate(
     pipe,

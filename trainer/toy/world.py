@@ -30,7 +30,6 @@ __all__ = [
     "IMAGE_SIZE",
     "SHAPES",
     "CONCEPTS",
-    "COLOURS",
     "NEUTRAL",
     "ALL_COLOURS",
     "PALETTE",
@@ -65,7 +64,6 @@ SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "cross")
 
 #: The erasable concepts: colours that a caption can name.
 CONCEPTS: tuple[str, ...] = ("red", "green", "blue", "yellow", "purple")
-COLOURS = CONCEPTS
 
 #: Colour of a shape whose caption names no colour (the "anchor" of an erasure).
 NEUTRAL: str = "grey"
@@ -443,18 +441,6 @@ def training_samples(n: int, seed: int = 0, size: int = IMAGE_SIZE) -> Samples:
     return Samples(caps, images, shapes, colours, kinds)
 
 
-def all_captions() -> list[str]:
-    """Every caption the world can produce (training and evaluation), sorted."""
-    caps: set[str] = set()
-    templates = TRAIN_TEMPLATES + HELD_OUT_TEMPLATES
-    words = ALL_COLOURS + tuple(w for ws in SYNONYMS.values() for w in ws)
-    for t in templates:
-        caps.update(caption(t, s, w) for s in SHAPES for w in words)
-        caps.update(caption(t, s) for s in SHAPES)
-        caps.update(caption(t, o) for o in _OBJECT_INFO)
-    return sorted(caps)
-
-
 def _label_index() -> dict[str, tuple[str, str]]:
     out: dict[str, tuple[str, str]] = {}
     words = ALL_COLOURS + tuple(w for ws in SYNONYMS.values() for w in ws)
@@ -475,6 +461,11 @@ def label_of(text: str) -> tuple[str, str] | None:
     if _LABELS is None:
         _LABELS = _label_index()
     return _LABELS.get(text.strip())
+
+
+def all_captions() -> list[str]:
+    """Every caption the world can produce (training and evaluation), sorted."""
+    return sorted(_label_index())
 
 
 def vocabulary() -> list[str]:
