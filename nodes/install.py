@@ -15,7 +15,7 @@ from typing import Any
 from ..saferope_engine import SafeRoPEAdapter
 from ..saferope_engine.errors import SafeRoPEError
 from .compat import FluxInfo, comfy_version, diffusion_model_wrapper_type, flux_info, norm_path, sigma_range
-from .layer import MODES, SafeRoPELayer
+from .layer import SafeRoPELayer
 from .patch import Attn1Patch, DiffusionModelWrapper, NormPatch
 
 logger = logging.getLogger(__name__)
@@ -42,8 +42,6 @@ def apply_saferope(model: Any, adapter: SafeRoPEAdapter, *, strength: float = 1.
     adapter.check_compatible(**info.shapes())
     if mode is None:
         mode = "attn1" if info.attn1_patch else "object"
-    if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
     if mode == "attn1" and not info.attn1_patch:
         raise SafeRoPEError("this ComfyUI's Flux blocks do not call attn1_patch; use the object-patch mode")
     sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)

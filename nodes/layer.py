@@ -61,7 +61,7 @@ class SafeRoPELayer:
             raise ValueError(f"sigma_end {self.sigma_end} exceeds sigma_start {self.sigma_start}")
         if self.mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
-        object.__setattr__(self, "_blocks", frozenset(self.adapter.blocks))
+        object.__setattr__(self, "_sites", self._hook_sites())  # fixed by adapter and mode; read every model call
 
     def __deepcopy__(self, memo: dict) -> "SafeRoPELayer":
         return self  # immutable; a copy would only duplicate the adapter's tensors and device caches
@@ -81,10 +81,13 @@ class SafeRoPELayer:
 
     def patches(self, kind: str, index: int) -> bool:
         """Whether the adapter has parameters for block ``(kind, index)``."""
-        return (kind, index) in self._blocks  # type: ignore[attr-defined]
+        return (kind, index) in self.adapter.blocks
 
     def sites(self) -> frozenset[str]:
         """Hook sites that must run in every model call where the layer is active."""
+        return self._sites  # type: ignore[attr-defined]
+
+    def _hook_sites(self) -> frozenset[str]:
         out = set()
         for kind, idx in self.adapter.block_keys():
             if kind == "double" and self.mode == "object":

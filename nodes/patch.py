@@ -153,6 +153,7 @@ class NormPatch:
         self.kind, self.index, self.part = kind, index, part
         self.module, self.layers, self.inner, self.probe = module, layers, inner, probe
         self.site = f"double.{index}.{part}" if kind == "double" else f"single.{index}"
+        self._where = f"QK-norm ({self.site})"
 
     def with_layer(self, layer: SafeRoPELayer, *, probe: bool) -> "NormPatch":
         """A new patch that also runs ``layer`` after the present ones (for chained Apply nodes)."""
@@ -165,14 +166,13 @@ class NormPatch:
         else:
             q, k = type(self.module).forward(self.module, q, k, v)  # (B, H, L, D) each
         for layer in self.layers:
-            rec = record_for(layer, f"QK-norm ({self.site})")
+            rec = record_for(layer, self._where)
             if self.probe:
                 rec.txt_len = int(q.shape[2])  # text stream of the last double block
             if not layer.patches(self.kind, self.index):
                 continue
-            txt_len = {"txt": q.shape[2], "img": 0}.get(self.part)
-            if txt_len is None:
-                txt_len = rec.text_length()
+            # a double block's QK-norm sees one stream: all text or all image; a single block's sees both
+            txt_len = q.shape[2] if self.part == "txt" else 0 if self.part == "img" else rec.text_length()
             q, k = layer.transform(self.kind, self.index, q, k, txt_len=int(txt_len), part=self.part, record=rec)
             rec.seen.add(self.site)
         return q, k
@@ -211,7 +211,9 @@ class DiffusionModelWrapper:
     def __call__(self, executor: Callable, *args: Any, **kwargs: Any) -> Any:
         opts = _transformer_options(args, kwargs)
         sink = _SINK.get()
-        rec = CallRecord(self.layer, active=self.layer.active_at(_sigmas(args, opts)),
+        # the full range is active at every sigma: no need to read them (a device sync)
+        active = self.layer.full_range or self.layer.active_at(_sigmas(args, opts))
+        rec = CallRecord(self.layer, active=active,
                          context_len=_context_len(args, kwargs),
                          sink=None if sink is None or sink.closed else sink)
         token = _CALLS.set(MappingProxyType({**_CALLS.get(), self.layer.token: rec}))
