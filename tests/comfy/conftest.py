@@ -7,6 +7,9 @@ Run them with a Python that has ComfyUI's requirements, e.g.
 (or any pytest plus ``COMFYUI_PYTHON=/path/to/comfy-venv/bin/python``). Without ``COMFYUI_PATH``
 every test here is skipped. ComfyUI itself always runs in a child process (comfy_driver.py, or
 main.py for the HTTP test) whose ``sys.path`` never holds this repository.
+
+With ``SAFEROPE_COMFY_NO_SKIP=1`` (what ``.ci/run`` sets) a skipped test fails the run: CI must
+have exercised every one of them.
 """
 
 from __future__ import annotations
@@ -14,11 +17,24 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from comfy_env import HERE, SKIP_REASON, comfy_python
+
+
+def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
+    if os.environ.get("SAFEROPE_COMFY_NO_SKIP") != "1":
+        return
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+    skipped = reporter.stats.get("skipped", []) if reporter else []
+    if skipped or session.testscollected == 0:
+        reasons = sorted({str(r.longrepr[-1]) if isinstance(r.longrepr, tuple) else str(r.longrepr) for r in skipped})
+        sys.stderr.write(f"SAFEROPE_COMFY_NO_SKIP=1: {len(skipped)} skipped, {session.testscollected} collected "
+                         f"(every ComfyUI-backed test must run): {reasons}\n")
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 @pytest.fixture(scope="session")
