@@ -33,7 +33,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from saferope_engine import saferope_qk  # noqa: E402
-from saferope_engine.diffusers import apply_saferope, flux_shapes  # noqa: E402
+from saferope_engine.diffusers import apply_saferope, model_shapes  # noqa: E402
 from saferope_engine.rotation import reference_rotate  # noqa: E402
 from saferope_engine.testing import random_adapter  # noqa: E402
 
@@ -71,9 +71,9 @@ def build(p: dict, double: int, single: int):
 
 
 def all_heads_adapter(model, threshold: float, rank: int = 5):
-    s = flux_shapes(model)
-    blocks = [("double", i) for i in range(s["num_double_blocks"])] + [("single", i) for i in range(s["num_single_blocks"])]
-    return random_adapter(**s, rank=rank, blocks=blocks, threshold=threshold, scale=0.5, seed=0)
+    s = model_shapes(model)
+    return random_adapter(num_heads=s.num_heads, head_dim=s.head_dim, model_blocks=s.blocks, arch=s.arch, rank=rank,
+                          threshold=threshold, scale=0.5, seed=0)
 
 
 def timed(fn, repeats: int) -> list[float]:
@@ -109,7 +109,7 @@ def bench_block(p: dict, double: int, single: int, repeats: int) -> dict:
 
 def bench_transform(p: dict, repeats: int) -> dict:
     H, D, L, txt = p["heads"], p["head_dim"], p["img"] + p["txt"], p["txt"]
-    adapter = random_adapter(num_heads=H, head_dim=D, num_double_blocks=1, num_single_blocks=0, rank=5,
+    adapter = random_adapter(num_heads=H, head_dim=D, model_blocks={"double": 1, "single": 0}, rank=5,
                              blocks=[("double", 0)], threshold=0.0, scale=0.5)
     block = adapter.block("double", 0)
     g = torch.Generator().manual_seed(2)

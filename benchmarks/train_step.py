@@ -105,7 +105,7 @@ def run_variant(args: argparse.Namespace) -> dict:
         Uk = torch.linalg.qr(torch.randn(n, D, args.rank, generator=g))[0]
         blocks.append(BlockAdapter(kind, idx, torch.arange(n), Uq.contiguous(), Uk.contiguous(),
                                    torch.zeros(n, args.rank, args.rank), None))
-    meta = AdapterMeta(num_heads=H, head_dim=D, num_double_blocks=args.double, num_single_blocks=args.single,
+    meta = AdapterMeta(num_heads=H, head_dim=D, blocks={"double": args.double, "single": args.single},
                        rank=args.rank, threshold=max(args.threshold, 0.0))
     adapter = SafeRoPEAdapter(meta, blocks)
     params = make_generators(adapter, 0.05, 0, device)

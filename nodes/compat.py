@@ -1,16 +1,17 @@
-"""What the running ComfyUI can do and what shape the model is — by feature detection.
+"""What the running ComfyUI can do and what the model is — through the engine's family registry.
 
 Nothing here compares version numbers: every decision is taken from the objects at hand, so a
 ComfyUI fork or a release we never saw gets the same treatment as the ones we tested.
 
-* :func:`flux_info` reads the Flux model behind a ModelPatcher: head count, head dim and block
-  counts derived from the modules themselves (never from a model config that may hard-code them),
-  and whether its block classes call ``transformer_options["patches"]["attn1_patch"]``.
-  ComfyUI added that call to ``DoubleStreamBlock``/``SingleStreamBlock`` (after QK-norm, before
-  RoPE) in the 0.17–0.19 range; older versions silently ignore the key. We look for the string
-  constant ``"attn1_patch"`` in the code object of both block classes' ``forward`` — present
-  exactly when the method reads that key. If detection were ever wrong, the fail-closed check of
-  :mod:`.patch` still raises instead of letting an unprotected image through.
+* :func:`comfy_model` recognises the model family from the ModelPatcher's ``BaseModel`` class
+  (:func:`saferope_engine.arch.detect_comfy` — class and structure, never shapes alone), reads head
+  count, head size and block counts from the modules themselves, and whether every block kind
+  calls ``transformer_options["patches"]["attn1_patch"]`` between QK-norm and RoPE. ComfyUI added
+  that call to Flux's blocks in the 0.17–0.19 range and to Qwen-Image's attention by 0.20; older
+  versions silently ignore the key. We look for the string constant ``"attn1_patch"`` in the code
+  object of the calling module's ``forward`` — present exactly when the method reads that key. If
+  detection were ever wrong, the fail-closed check of :mod:`.patch` still raises instead of
+  letting an unprotected image through.
 * :func:`sigma_range` converts start/end percent to sigmas the way ComfyUI's own nodes do
   (``model_sampling.percent_to_sigma``).
 
@@ -23,9 +24,8 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
-from ..saferope_engine.errors import IncompatibleAdapterError
+from ..saferope_engine import arch as archs
+from ..saferope_engine.errors import UnsupportedModelError
 
 logger = logging.getLogger(__name__)
 
@@ -35,7 +35,7 @@ _DIFFUSION_MODEL_FALLBACK = "diffusion_model"
 
 
 def diffusion_model_wrapper_type() -> str:
-    """The wrapper type whose wrappers run around ``Flux._forward`` on every model call."""
+    """The wrapper type whose wrappers run around the diffusion model's forward on every model call."""
     try:
         from comfy.patcher_extension import WrappersMP  # type: ignore[import-not-found]
     except ImportError:
@@ -52,17 +52,6 @@ def comfy_version() -> str:
     return str(getattr(comfyui_version, "__version__", "unknown"))
 
 
-def norm_path(kind: str, index: int, part: str) -> str:
-    """Attribute path (from the BaseModel) of the QK-norm module that produces ``part``'s q/k.
-
-    ``part`` is ``"txt"``/``"img"`` for the two streams of a double block, ``"joint"`` for a
-    single block (whose one norm sees text and image tokens together, text first).
-    """
-    if kind == "double":
-        return f"diffusion_model.double_blocks.{index}.{part}_attn.norm"
-    return f"diffusion_model.single_blocks.{index}.norm"
-
-
 def calls_attn1_patch(cls: type) -> bool:
     """Whether ``cls.forward`` reads ``transformer_options["patches"]["attn1_patch"]``."""
     code = getattr(getattr(cls, "forward", None), "__code__", None)
@@ -70,58 +59,44 @@ def calls_attn1_patch(cls: type) -> bool:
 
 
 @dataclass(frozen=True)
-class FluxInfo:
-    """Shapes of a Flux-architecture diffusion model and the hook it offers."""
+class ComfyModel:
+    """A recognised ComfyUI model: its family, shapes, and the hook its blocks offer."""
 
-    num_heads: int
-    head_dim: int
-    num_double_blocks: int
-    num_single_blocks: int
-    attn1_patch: bool  # both block classes call attn1_patch between QK-norm and RoPE
+    family: archs.Arch
+    shapes: archs.ModelShapes
+    attn1_patch: bool  # every block kind calls attn1_patch with joint q/k before RoPE
 
-    def shapes(self) -> dict[str, int]:
-        """Keyword arguments of :meth:`SafeRoPEAdapter.check_compatible`."""
-        return {"num_heads": self.num_heads, "head_dim": self.head_dim,
-                "num_double_blocks": self.num_double_blocks, "num_single_blocks": self.num_single_blocks}
+    def kind(self, name: str) -> archs.HostKind:
+        return next(hk for hk in self.family.comfy.kinds if hk.kind == name)
 
+    def site_path(self, kind: str, index: int, site: archs.NormSite) -> str:
+        """Attribute path (from the BaseModel) of a QK-norm module — the object patch's target."""
+        return f"diffusion_model.{self.kind(kind).blocks}.{index}.{site.path}"
 
-def _not_flux(why: str) -> IncompatibleAdapterError:
-    return IncompatibleAdapterError(
-        f"SafeRoPE needs a FLUX-architecture model (ComfyUI's comfy.ldm.flux double/single stream blocks); {why}")
-
-
-def _head_dim_of(norm: Any, where: str) -> int:
-    qn = getattr(norm, "query_norm", None)
-    params = list(qn.parameters()) if isinstance(qn, torch.nn.Module) else []
-    if not params:
-        raise _not_flux(f"{where} has no QK-norm with a scale parameter")
-    return int(params[0].shape[-1])  # RMSNorm scale: (head_dim,)
+    def attn1_kinds(self) -> dict[str, str]:
+        """``transformer_options["block_type"]`` of attn1_patch calls → block kind."""
+        return {hk.attn1[0]: hk.kind for hk in self.family.comfy.kinds if hk.attn1}
 
 
-def flux_info(model: Any) -> FluxInfo:
-    """Inspect the diffusion model of a ModelPatcher. Raises if it is not a Flux-style model."""
-    try:
-        dm = model.get_model_object("diffusion_model")
-    except AttributeError:
-        raise _not_flux(f"got {type(model).__name__} without a diffusion model") from None
-    double, single = getattr(dm, "double_blocks", None), getattr(dm, "single_blocks", None)
-    if not isinstance(double, torch.nn.ModuleList) or not isinstance(single, torch.nn.ModuleList):
-        raise _not_flux(f"{type(dm).__name__} has no double_blocks/single_blocks")
-    if len(double) + len(single) == 0:
-        raise _not_flux(f"{type(dm).__name__} has no attention blocks")
-    heads, dims = set(), set()
-    for i, b in enumerate(double):
-        heads.add(getattr(b, "num_heads", None))
-        for part in ("img", "txt"):
-            dims.add(_head_dim_of(getattr(getattr(b, f"{part}_attn", None), "norm", None), f"double block {i}"))
-    for i, b in enumerate(single):
-        heads.add(getattr(b, "num_heads", None))
-        dims.add(_head_dim_of(getattr(b, "norm", None), f"single block {i}"))
-    if len(heads) != 1 or None in heads or len(dims) != 1:
-        raise _not_flux(f"blocks disagree on head count/dim (heads {sorted(map(str, heads))}, dims {sorted(dims)})")
-    classes = {type(b) for b in double} | {type(b) for b in single}
-    return FluxInfo(num_heads=int(heads.pop()), head_dim=dims.pop(), num_double_blocks=len(double),
-                    num_single_blocks=len(single), attn1_patch=all(calls_attn1_patch(c) for c in classes))
+def comfy_model(model: Any) -> ComfyModel:
+    """Recognise the diffusion model behind a ModelPatcher. Raises naming what was found if unsupported."""
+    base = getattr(model, "model", None)
+    if base is None or not hasattr(model, "get_model_object"):
+        raise UnsupportedModelError(f"SafeRoPE needs a ComfyUI MODEL (a ModelPatcher), got {type(model).__name__}")
+    family = archs.detect_comfy(base)
+    dm = model.get_model_object("diffusion_model")
+    shapes = archs.comfy_shapes(family, dm)
+    attn1 = True
+    for hk in family.comfy.kinds:
+        if shapes.blocks.get(hk.kind, 0) == 0:
+            continue
+        if hk.attn1 is None:
+            attn1 = False
+            break
+        blocks = archs.resolve_attr(dm, hk.blocks)
+        classes = {type(archs.resolve_attr(b, hk.attn1[1])) for b in blocks}
+        attn1 = attn1 and all(calls_attn1_patch(c) for c in classes)
+    return ComfyModel(family=family, shapes=shapes, attn1_patch=attn1)
 
 
 def sigma_range(model: Any, start_percent: float, end_percent: float) -> tuple[float, float]:

@@ -20,10 +20,16 @@ from ..saferope_engine import SafeRoPEAdapter
 from ..saferope_engine.errors import SafeRoPEError
 
 if TYPE_CHECKING:  # pragma: no cover
+    from .compat import ComfyModel
     from .patch import CallRecord
 
 #: How the layer reaches the pre-RoPE q/k: ComfyUI's attn1_patch, or object patches of QK-norms.
 MODES = ("attn1", "object")
+
+
+def site_name(kind: str, index: int, path: str | None = None) -> str:
+    """The name of a hook site: a block (attn1_patch) or one QK-norm module of it (object patch)."""
+    return f"{kind}.{index}" if path is None else f"{kind}.{index}:{path}"
 
 
 @dataclass(frozen=True, eq=False)
@@ -31,6 +37,7 @@ class SafeRoPELayer:
     """An adapter plus its runtime knobs and the sampling range where it acts.
 
     Attributes:
+        model: the recognised model (family, shapes, hook sites) the layer was applied to.
         strength: ``α`` (0 = off, 1 = as trained).
         threshold: overrides the adapter's ``τ``; ``None`` keeps the adapter's own.
         start_percent, end_percent: the sampling range (0 = first step, 1 = last).
@@ -41,6 +48,7 @@ class SafeRoPELayer:
     """
 
     adapter: SafeRoPEAdapter
+    model: "ComfyModel"
     strength: float = 1.0
     threshold: float | None = None
     start_percent: float = 0.0
@@ -88,13 +96,10 @@ class SafeRoPELayer:
         return self._sites  # type: ignore[attr-defined]
 
     def _hook_sites(self) -> frozenset[str]:
-        out = set()
-        for kind, idx in self.adapter.block_keys():
-            if kind == "double" and self.mode == "object":
-                out.update({f"double.{idx}.txt", f"double.{idx}.img"})  # two QK-norms per double block
-            else:
-                out.add(f"{kind}.{idx}")
-        return frozenset(out)
+        if self.mode == "attn1":
+            return frozenset(site_name(kind, idx) for kind, idx in self.adapter.block_keys())
+        return frozenset(site_name(kind, idx, n.path) for kind, idx in self.adapter.block_keys()
+                         for n in self.model.kind(kind).norms)
 
     # -- sampling range --------------------------------------------------------------------------
     @property
@@ -117,21 +122,36 @@ class SafeRoPELayer:
         return any(self.sigma_end <= s <= self.sigma_start for s in values)
 
     # -- the transform ---------------------------------------------------------------------------
-    def transform(self, kind: str, index: int, q: Tensor, k: Tensor, *, txt_len: int, part: str,
-                  record: "CallRecord") -> tuple[Tensor, Tensor]:
-        """SafeRoPE on ``(B, H, L, D)`` q/k of one block (text tokens ``[0, txt_len)`` first).
+    def transform(self, kind: str, index: int, which: str, x: Tensor, *, txt_len: int, stream: str,
+                  record: "CallRecord") -> Tensor:
+        """SafeRoPE on ``(B, H, L, D)`` queries (``which="q"``) or keys (``"k"``) of one block.
 
-        Outside the sampling range the tensors pass unchanged (same objects); a risk sink on
+        ``txt_len`` text tokens lead the sequence (ComfyUI keeps text first in every family).
+        Outside the sampling range the tensor passes unchanged (the same object); a risk sink on
         the record still receives the scores, computed with strength 0.
         """
         strength = self.strength if record.active else 0.0
         if record.sink is None:
             if strength == 0.0:
+                return x
+            return self.adapter.apply(kind, index, which, x, txt_len=txt_len, strength=strength, threshold=self.threshold)
+        x2, risk = self.adapter.apply(kind, index, which, x, txt_len=txt_len, strength=strength,
+                                      threshold=self.threshold, return_risk=True)
+        if risk is not None:
+            record.sink.add(self, kind, index, stream, which, risk[0], risk[1], txt_len=txt_len, rotated=strength > 0.0)
+        return x2
+
+    def transform_qk(self, kind: str, index: int, q: Tensor, k: Tensor, *, txt_len: int, stream: str,
+                     record: "CallRecord") -> tuple[Tensor, Tensor]:
+        """:meth:`transform` of queries and keys of one block together (one engine call for both)."""
+        strength = self.strength if record.active else 0.0
+        if record.sink is None:
+            if strength == 0.0:
                 return q, k
-            return self.adapter.apply_qk(kind, index, q, k, txt_len=txt_len, strength=strength,
-                                         threshold=self.threshold)
+            return self.adapter.apply_qk(kind, index, q, k, txt_len=txt_len, strength=strength, threshold=self.threshold)
         q2, k2, risk = self.adapter.apply_qk(kind, index, q, k, txt_len=txt_len, strength=strength,
                                              threshold=self.threshold, return_risk=True)
         if risk is not None:
-            record.sink.add(self, kind, index, part, risk, rotated=strength > 0.0)
+            for which, rho, gate in (("q", risk.rho_q, risk.gated_q), ("k", risk.rho_k, risk.gated_k)):
+                record.sink.add(self, kind, index, stream, which, rho, gate, txt_len=txt_len, rotated=strength > 0.0)
         return q2, k2

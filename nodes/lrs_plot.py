@@ -96,7 +96,8 @@ def render(report: RiskReport, p: PlotInput) -> Image.Image:
         for j, c in enumerate(cols):
             x = x0 + j * cell_w
             v = float(c.txt_rho[i])
-            d.rectangle([x, y, x + cell_w - 1, y + cell_h - 1], fill=colour(v))
+            fill = _BG if v != v else colour(v)  # NaN: this block sees no text tokens
+            d.rectangle([x, y, x + cell_w - 1, y + cell_h - 1], fill=fill, outline=_DIM if v != v else None)
             if bool(c.txt_gated[i]):
                 d.rectangle([x + 1, y + 1, x + cell_w - 2, y + cell_h - 2], outline=_MARK, width=2)
     # colour bar with the threshold marker

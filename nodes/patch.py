@@ -1,17 +1,19 @@
-"""The hook objects that put SafeRoPE between ComfyUI's Flux QK-norm and RoPE, and fail closed.
+"""The hook objects that put SafeRoPE between ComfyUI's QK-norm and RoPE, and fail closed.
 
-Two ways in, chosen per model by :func:`.compat.flux_info` (see :mod:`.install`):
+Two ways in, chosen per model by :func:`.compat.comfy_model` (see :mod:`.install`), with every
+family-specific fact from the engine's registry (:mod:`saferope_engine.arch`):
 
-* ``attn1`` — :class:`Attn1Patch`, registered with ``clone.set_model_attn1_patch``. Recent
-  ComfyUI (0.17+) calls it in both Flux blocks right after QK-norm, before RoPE, with joint
-  ``(B, H, L, D)`` q/k (text tokens first) and ``extra_options`` holding ``block_type``,
-  ``block_index`` and ``img_slice = [txt_len, L]``.
-* ``object`` — :class:`NormPatch`, a per-clone object patch of a QK-norm module's ``forward``
-  (``double_blocks.i.txt_attn.norm``, ``….img_attn.norm``, ``single_blocks.j.norm``) for
-  versions whose blocks do not call attn1_patch. Double blocks normalise text and image
-  separately, so each half is transformed on its own (the transform is per token, so this is
-  the same math); single blocks get the joint sequence, whose text length the patch on the last
-  double block's text norm observes (it is exactly the text entering the single blocks).
+* ``attn1`` — :class:`Attn1Patch`, registered with ``clone.set_model_attn1_patch``. Where the
+  family's blocks call it (Flux-style blocks from ComfyUI 0.17, Qwen-Image's attention by 0.20) it
+  runs right after QK-norm, before RoPE, with joint ``(B, H, L, D)`` q/k (text tokens first) and
+  ``extra_options`` holding ``block_type``, ``block_index`` and ``img_slice = [txt_len, L]``.
+* ``object`` — :class:`NormPatch`, a per-clone object patch of one QK-norm module's ``forward``
+  (e.g. Flux ``double_blocks.i.txt_attn.norm``, Qwen-Image ``….attn.norm_added_q``, Z-Image
+  ``layers.j.attention.q_norm``) for families and versions whose blocks do not call attn1_patch.
+  A module that sees one stream is transformed on its own (the transform is per token, so this
+  is the same math); a module that sees the joint sequence learns its split from a *probe*: the
+  length seen by the last block of the kind the registry names (e.g. the text stream of Flux's
+  last double block is exactly the text entering the single blocks).
 
 Both are paired with a :class:`DiffusionModelWrapper` (one per layer, registered with
 ``add_wrapper_with_key(DIFFUSION_MODEL, "saferope", …)``). Per model call it
@@ -41,9 +43,9 @@ from typing import Any, Callable, Iterator, Mapping, Protocol
 import torch
 from torch import Tensor
 
-from ..saferope_engine.core import BlockRisk
+from ..saferope_engine import arch as archs
 from ..saferope_engine.errors import HookNotRunError, SafeRoPEError
-from .layer import SafeRoPELayer
+from .layer import SafeRoPELayer, site_name
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +57,16 @@ _SINK: ContextVar["RiskSink | None"] = ContextVar("saferope_risk_sink", default=
 
 
 class RiskSink(Protocol):
-    """Receives :class:`BlockRisk` of every hook site during one model call."""
+    """Receives the risk of every hook site during one model call.
+
+    ``rho``/``gate``: ``(B, n, L)`` for the ``which`` ("q"/"k") vectors of the ``stream``
+    ("txt", "img" or "joint" with ``txt_len`` text tokens first) at block ``(kind, index)``.
+    """
 
     closed: bool
 
-    def add(self, layer: SafeRoPELayer, kind: str, index: int, part: str, risk: BlockRisk, *,
-            rotated: bool) -> None: ...
+    def add(self, layer: SafeRoPELayer, kind: str, index: int, stream: str, which: str, rho: Tensor, gate: Tensor,
+            *, txt_len: int, rotated: bool) -> None: ...
 
     def close(self) -> None: ...
 
@@ -81,18 +87,25 @@ class CallRecord:
 
     layer: SafeRoPELayer
     active: bool
-    context_len: int | None = None  # text length from the call's arguments (fallback only)
+    context_len: int | None = None  # text length from the call's ``context`` argument
     sink: RiskSink | None = None
     seen: set[str] = field(default_factory=set)
-    txt_len: int | None = None  # text length observed at the last double block (object mode)
+    lengths: dict[tuple[str, str], int] = field(default_factory=dict)  # probe site (kind, path) -> tokens it saw
 
-    def text_length(self) -> int:
-        """Number of text tokens leading the joint sequence of the single blocks."""
-        n = self.txt_len if self.txt_len is not None else self.context_len
-        if n is None:
-            raise HookNotRunError(f"SafeRoPE ({self.layer.name}): text length of this model call is unknown; "
-                                  "refusing to run unprotected")
-        return n
+    def text_length(self, kind: str, L: int) -> int:
+        """Text tokens leading the joint sequence of ``L`` tokens at a block of ``kind`` (object mode)."""
+        host = self.layer.model.kind(kind)
+        ln = host.length
+        n = None
+        if ln is not None and ln.source == "probe":
+            n = self.lengths.get((ln.kind, ln.site))
+        elif ln is not None and ln.source == "context":
+            n = self.context_len
+        if n is None or not 0 <= n <= L:
+            raise HookNotRunError(f"SafeRoPE ({self.layer.name}): the text length of this model call is unknown at "
+                                  f"the {kind} blocks (no {ln.source if ln else 'length'} seen: {n}); refusing to "
+                                  "run unprotected")
+        return n if ln.segment == "txt" else L - n
 
     def missing(self) -> list[str]:
         """Hook sites that should have run in this call and did not."""
@@ -111,25 +124,31 @@ def record_for(layer: SafeRoPELayer, where: str) -> CallRecord:
 
 
 class Attn1Patch:
-    """``attn1_patch`` callable for Flux blocks that call it before RoPE (ComfyUI 0.17+)."""
+    """``attn1_patch`` callable for blocks that call it with joint text-first q/k before RoPE."""
 
     def __init__(self, layer: SafeRoPELayer) -> None:
         self.layer = layer
+        self.kinds = layer.model.attn1_kinds()  # block_type -> kind
 
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, pe: Any = None, attn_mask: Any = None,
                  extra_options: Mapping[str, Any] | None = None, **_: Any) -> dict[str, Tensor]:
         opts = extra_options or {}
-        kind, index = opts.get("block_type"), opts.get("block_index")
-        if kind not in ("double", "single") or not isinstance(index, int):
-            raise SafeRoPEError(f"SafeRoPE ({self.layer.name}): attn1_patch called without a Flux block_type/"
-                                f"block_index (got {kind!r}, {index!r}); this model is not supported")
+        block_type, index = opts.get("block_type"), opts.get("block_index")
+        kind = self.kinds.get(block_type)
+        if kind is None or not isinstance(index, int):
+            raise SafeRoPEError(f"SafeRoPE ({self.layer.name}): attn1_patch called without a known block_type/"
+                                f"block_index (got {block_type!r}, {index!r}) in a {self.layer.model.family.name} "
+                                "model; this model is not supported")
         if not self.layer.patches(kind, index):
             return {}  # no work for blocks the adapter leaves alone
         rec = record_for(self.layer, "attn1_patch")
         img_slice = opts.get("img_slice")
-        txt_len = int(img_slice[0]) if img_slice else rec.text_length()  # q: (B, H, txt_len + img, D)
-        q, k = self.layer.transform(kind, index, q, k, txt_len=txt_len, part="joint", record=rec)
-        rec.seen.add(f"{kind}.{index}")
+        if not img_slice:
+            raise HookNotRunError(f"SafeRoPE ({self.layer.name}): attn1_patch of {kind} block {index} came without "
+                                  "img_slice, so text and image tokens cannot be told apart; refusing to run unprotected")
+        txt_len = int(img_slice[0])  # q: (B, H, txt_len + img, D)
+        q, k = self.layer.transform_qk(kind, index, q, k, txt_len=txt_len, stream="joint", record=rec)
+        rec.seen.add(site_name(kind, index))
         return {"q": q, "k": k}
 
     def to(self, *args: Any, **kwargs: Any) -> "Attn1Patch":
@@ -141,41 +160,58 @@ class Attn1Patch:
 
 
 class NormPatch:
-    """Object patch replacing one QK-norm module's ``forward(q, k, v) -> (q, k)`` on a clone.
+    """Object patch replacing one QK-norm module's ``forward`` on a clone.
 
-    Runs the original normalisation (the class's own ``forward``, or an object patch that was
-    already on this clone — e.g. another pack's — passed as ``inner``), then every SafeRoPE
-    layer of the clone in application order.
+    ``site.which == "qk"``: ``forward(q, k, v) -> (q, k)`` (Flux's QKNorm); ``"q"``/``"k"``:
+    ``forward(x) -> x`` (one RMSNorm per tensor). Runs the original normalisation (the class's own
+    ``forward``, or an object patch that was already on this clone — e.g. another pack's — passed
+    as ``inner``), records the length it saw when it is a probe, then runs every SafeRoPE layer of
+    the clone in application order.
     """
 
-    def __init__(self, kind: str, index: int, part: str, module: torch.nn.Module,
-                 layers: tuple[SafeRoPELayer, ...], *, inner: Callable | None = None, probe: bool = False) -> None:
-        self.kind, self.index, self.part = kind, index, part
-        self.module, self.layers, self.inner, self.probe = module, layers, inner, probe
-        self.site = f"double.{index}.{part}" if kind == "double" else f"single.{index}"
-        self._where = f"QK-norm ({self.site})"
+    def __init__(self, kind: str, index: int, site: archs.NormSite, module: torch.nn.Module,
+                 layers: tuple[SafeRoPELayer, ...], *, inner: Callable | None = None,
+                 probe: tuple[str, str] | None = None) -> None:
+        self.kind, self.index, self.site, self.module = kind, index, site, module
+        self.layers, self.inner, self.probe = layers, inner, probe
+        self.name = site_name(kind, index, site.path)
+        self._where = f"QK-norm ({self.name})"
 
-    def with_layer(self, layer: SafeRoPELayer, *, probe: bool) -> "NormPatch":
-        """A new patch that also runs ``layer`` after the present ones (for chained Apply nodes)."""
-        return NormPatch(self.kind, self.index, self.part, self.module, self.layers + (layer,),
-                         inner=self.inner, probe=self.probe or probe)
+    def with_layer(self, layer: SafeRoPELayer | None, *, probe: tuple[str, str] | None = None) -> "NormPatch":
+        """A new patch that also runs ``layer`` after the present ones and/or also probes."""
+        layers = self.layers + ((layer,) if layer is not None and layer not in self.layers else ())
+        return NormPatch(self.kind, self.index, self.site, self.module, layers, inner=self.inner,
+                         probe=self.probe or probe)
 
-    def __call__(self, q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+    def _norm(self, *args: Any, **kwargs: Any) -> Any:
         if self.inner is not None:
-            q, k = self.inner(q, k, v)
-        else:
-            q, k = type(self.module).forward(self.module, q, k, v)  # (B, H, L, D) each
-        for layer in self.layers:
-            rec = record_for(layer, self._where)
-            if self.probe:
-                rec.txt_len = int(q.shape[2])  # text stream of the last double block
+            return self.inner(*args, **kwargs)
+        return type(self.module).forward(self.module, *args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        out = self._norm(*args, **kwargs)
+        pair = self.site.which == "qk"
+        tensors = list(out) if pair else [out]  # (q, k) or x
+        views = [t.transpose(1, 2) if self.site.layout == "BLHD" else t for t in tensors]  # -> (B, H, L, D)
+        L = int(views[0].shape[2])
+        records = [record_for(layer, self._where) for layer in self.layers]
+        if self.probe is not None:
+            for rec in records:
+                rec.lengths[self.probe] = L  # the tokens of this stream in this call
+        for layer, rec in zip(self.layers, records):
             if not layer.patches(self.kind, self.index):
                 continue
-            # a double block's QK-norm sees one stream: all text or all image; a single block's sees both
-            txt_len = q.shape[2] if self.part == "txt" else 0 if self.part == "img" else rec.text_length()
-            q, k = layer.transform(self.kind, self.index, q, k, txt_len=int(txt_len), part=self.part, record=rec)
-            rec.seen.add(self.site)
-        return q, k
+            stream = self.site.stream
+            txt_len = L if stream == "txt" else 0 if stream == "img" else rec.text_length(self.kind, L)
+            if pair:
+                views = list(layer.transform_qk(self.kind, self.index, views[0], views[1], txt_len=txt_len,
+                                                stream=stream, record=rec))
+            else:
+                views = [layer.transform(self.kind, self.index, self.site.which, views[0], txt_len=txt_len,
+                                         stream=stream, record=rec)]
+            rec.seen.add(self.name)
+        outs = [t.transpose(1, 2) if self.site.layout == "BLHD" else t for t in views]
+        return tuple(outs) if pair else outs[0]
 
 
 def _transformer_options(args: tuple, kwargs: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -1,7 +1,7 @@
 """Collect the Latent Risk Scores of one model call and reduce them for people to read.
 
 The LRS visualizer runs one model evaluation with a :class:`RiskCollector` installed
-(:func:`.patch.collect_risk`); every hook site hands it the engine's :class:`BlockRisk`.
+(:func:`.patch.collect_risk`); every hook site hands it the scores of its queries or keys.
 :meth:`RiskCollector.report` reduces them to one :class:`Column` per (layer, patched block):
 
 * text risk per token — max over batch rows, selected heads and q/k of the LRS,
@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..saferope_engine.core import BlockRisk
 from .layer import SafeRoPELayer
 
 
@@ -30,7 +29,7 @@ class Column:
     kind: str
     index: int
     label: str
-    txt_rho: Tensor  # (T,) float32 max LRS per text token
+    txt_rho: Tensor  # (T,) float32 max LRS per text token (NaN: the block sees no text)
     txt_gated: Tensor  # (T,) bool
     img_share: Tensor  # (N,) float32 gated share per image token
     txt_gated_share: float
@@ -52,22 +51,46 @@ class RiskReport:
         return torch.stack([c.img_share for c in self.columns]).mean(0)
 
     def token_max(self) -> Tensor:
-        """``(T,)`` max text risk of each token over all columns."""
+        """``(T,)`` max text risk of each token over all columns (columns without text count 0)."""
         if not self.columns:
             return torch.zeros(self.txt_len)
-        return torch.stack([c.txt_rho for c in self.columns]).amax(0)
+        return torch.stack([c.txt_rho.nan_to_num(0.0) for c in self.columns]).amax(0)
 
 
-def _joint(parts: dict[str, BlockRisk]) -> tuple[Tensor, Tensor, int]:
-    """Merge the parts of one block into ``(rho (2, B, n, L), gated (2, B, n, L), txt_len)``."""
-    if "joint" in parts:
-        r = parts["joint"]
-        return torch.stack([r.rho_q, r.rho_k]), torch.stack([r.gated_q, r.gated_k]), r.txt_len
-    seq = [parts[p] for p in ("txt", "img") if p in parts]  # text stream first, as in attention
-    rho = torch.stack([torch.cat([r.rho_q for r in seq], -1), torch.cat([r.rho_k for r in seq], -1)])  # (2,B,n,L)
-    gated = torch.stack([torch.cat([r.gated_q for r in seq], -1), torch.cat([r.gated_k for r in seq], -1)])
-    txt = parts["txt"].rho_q.shape[-1] if "txt" in parts else 0
-    return rho, gated, txt
+def _reduce(entries: dict[str, tuple[Tensor, Tensor, int]]) -> tuple[Tensor, Tensor, Tensor, int]:
+    """q and k of one stream -> per-token ``(rho_max (L,), gated_any (L,), gated_share (L,), txt_len)``."""
+    rhos, gates, shares = [], [], []
+    txt_len = 0
+    for rho, gate, t in entries.values():  # (B, n, L) each; n differs for q and k under GQA
+        rhos.append(rho.float().amax(dim=(0, 1)))
+        gates.append(gate.any(dim=1).any(dim=0))
+        shares.append(gate.float().mean(dim=(0, 1)))
+        txt_len = t
+    return (torch.stack(rhos).amax(0), torch.stack(gates).any(0), torch.stack(shares).mean(0), txt_len)
+
+
+def _split(streams: dict[str, dict]) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """One block's streams -> (text part, image part), each ``(rho (T,), gated (T,), share (T,))``."""
+    parts: dict[str, list] = {"txt": [], "img": []}
+    for stream, entries in streams.items():
+        rho, gated, share, t = _reduce(entries)
+        if stream == "joint":
+            parts["txt"].append((rho[:t], gated[:t], share[:t]))
+            parts["img"].append((rho[t:], gated[t:], share[t:]))
+        else:
+            parts[stream].append((rho, gated, share))
+    out = []
+    for seg in ("txt", "img"):
+        seq = parts[seg]
+        if not seq:
+            out.append((torch.zeros(0), torch.zeros(0, dtype=torch.bool), torch.zeros(0)))
+        else:  # a block sees each token once: one entry per segment
+            out.append(seq[0])
+    return out[0], out[1]
+
+
+def _pad(x: Tensor, n: int, value: float | bool) -> Tensor:
+    return torch.cat([x, torch.full((n - x.shape[0],), value, dtype=x.dtype)]) if x.shape[0] < n else x
 
 
 def _share(x: Tensor) -> float:
@@ -79,33 +102,40 @@ class RiskCollector:
 
     def __init__(self) -> None:
         self.closed = False
-        self._parts: dict[tuple[str, str, int], dict[str, BlockRisk]] = {}
+        # (layer token, kind, index) -> stream -> which -> (rho, gate, txt_len)
+        self._parts: dict[tuple[str, str, int], dict[str, dict[str, tuple[Tensor, Tensor, int]]]] = {}
 
-    def add(self, layer: SafeRoPELayer, kind: str, index: int, part: str, risk: BlockRisk, *, rotated: bool) -> None:
+    def add(self, layer: SafeRoPELayer, kind: str, index: int, stream: str, which: str, rho: Tensor, gate: Tensor,
+            *, txt_len: int, rotated: bool) -> None:
         if self.closed:
             return
         if not rotated:  # scores only: nothing was rotated, so nothing counts as gated
-            risk = BlockRisk(risk.heads, risk.txt_len, risk.rho_q, risk.rho_k,
-                             torch.zeros_like(risk.gated_q), torch.zeros_like(risk.gated_k))
-        self._parts.setdefault((layer.token, kind, index), {})[part] = risk
+            gate = torch.zeros_like(gate)
+        self._parts.setdefault((layer.token, kind, index), {}).setdefault(stream, {})[which] = (
+            rho.detach().cpu(), gate.detach().cpu(), txt_len)
 
     def close(self) -> None:
         self.closed = True
 
     def report(self, layers: list[SafeRoPELayer]) -> RiskReport:
-        """Columns in layer order, then block order (double before single)."""
+        """Columns in layer order, then the adapter's block order (the family's kinds in model order).
+
+        Columns of kinds without text (or image) tokens carry NaN risk (no share) there.
+        """
         multi = len(layers) > 1
-        cols, txt_len, img_len = [], 0, 0
+        raw = []
         for n, layer in enumerate(layers):
             for kind, idx in layer.adapter.block_keys():
-                parts = self._parts.get((layer.token, kind, idx))
-                if not parts:
+                streams = self._parts.get((layer.token, kind, idx))
+                if not streams:
                     continue
-                rho, gated, t = _joint(parts)
-                per_tok = rho.amax(dim=(0, 1, 2))  # (2,B,n,L) -> (L,)
-                share = gated.float().mean(dim=(0, 1, 2))  # (L,)
-                txt_len, img_len = t, per_tok.shape[0] - t
-                label = f"{kind[0]}{idx}" if not multi else f"{chr(65 + n % 26)}:{kind[0]}{idx}"
-                cols.append(Column(layer, kind, idx, label, per_tok[:t].float(), gated[..., :t].any(dim=(0, 1, 2)),
-                                   share[t:].float(), _share(gated[..., :t]), _share(gated[..., t:])))
+                (t_rho, t_gated, t_share), (_, _, i_share) = _split(streams)
+                abbrev = "".join(w[0] for w in kind.split("_"))
+                label = f"{abbrev}{idx}" if not multi else f"{chr(65 + n % 26)}:{abbrev}{idx}"
+                raw.append((layer, kind, idx, label, t_rho, t_gated, i_share, _share(t_share), _share(i_share)))
+        txt_len = max((r[4].shape[0] for r in raw), default=0)
+        img_len = max((r[6].shape[0] for r in raw), default=0)
+        cols = [Column(layer, kind, idx, label, _pad(t_rho, txt_len, float("nan")), _pad(t_gated, txt_len, False),
+                       _pad(i_share, img_len, 0.0), ts, im)
+                for layer, kind, idx, label, t_rho, t_gated, i_share, ts, im in raw]
         return RiskReport(cols, txt_len, img_len)

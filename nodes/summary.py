@@ -39,9 +39,9 @@ def summarize(report: RiskReport, layers: list[SafeRoPELayer], labels: list[str]
     def name(i: int) -> str:
         return f"#{i} '{labels[i]}'" if i < len(labels) and labels[i] else f"#{i}"
 
-    best = max(report.columns, key=lambda c: float(c.txt_rho.max()) if c.txt_rho.numel() else -1.0)
+    best = max(report.columns, key=lambda c: float(c.txt_rho.nan_to_num(-1.0).max()) if c.txt_rho.numel() else -1.0)
     if best.txt_rho.numel():
-        i = int(best.txt_rho.argmax())
+        i = int(best.txt_rho.nan_to_num(-1.0).argmax())
         lines.append(f"max text risk {float(best.txt_rho[i]):.3f} at token {name(i)} in block {best.label}")
     tok = report.token_max()
     if tok.numel():

@@ -42,7 +42,8 @@ class SafeRoPELRSVisualizer:
     def INPUT_TYPES(cls) -> dict:
         return {
             "required": {
-                "model": ("MODEL", {"tooltip": "A model that went through 'Apply SafeRoPE to Model' (one or more)."}),
+                "model": ("MODEL", {"tooltip": "A model that went through 'Apply SafeRoPE to Model' (one or more): "
+                                               "FLUX.1, Flux.2, Chroma, HunyuanImage 2.1, Qwen-Image or Z-Image."}),
                 "conditioning": ("CONDITIONING", {"tooltip": "The prompt's conditioning (e.g. from CLIP Text Encode "
                                                              "/ FluxGuidance), as given to the sampler."}),
                 "width": ("INT", {"default": 1024, "min": 16, "max": _MAX_RESOLUTION, "step": 16,
@@ -111,6 +112,7 @@ class SafeRoPELRSVisualizer:
     @staticmethod
     def _grid(model: Any, latent: torch.Tensor) -> tuple[int, int]:
         """Token grid of the main image: latent size over the model's patch size (ComfyUI's rounding)."""
-        p = int(getattr(model.get_model_object("diffusion_model"), "patch_size", 2))
+        p = getattr(model.get_model_object("diffusion_model"), "patch_size", 2)
+        p = int(p[-1] if isinstance(p, (list, tuple)) else p)  # HunyuanImage: (t, h, w) patch sizes
         h, w = latent.shape[-2:]
         return (h + p // 2) // p, (w + p // 2) // p

@@ -133,7 +133,7 @@ def import_authors_state_dict(sd: Mapping[str, Tensor], *, threshold: float = 0.
         A = A.to(torch.float32)
         gens = {"txt": A} if kind == "double" else {single_segments[0]: A[0], single_segments[1]: A[1]}
         blocks.append(BlockAdapter(kind, idx, heads, Uq_n, Uk_n, gens.get("txt"), gens.get("img")))
-    meta = AdapterMeta(num_heads=H, head_dim=D, num_double_blocks=nD, num_single_blocks=nS, rank=r,
+    meta = AdapterMeta(num_heads=H, head_dim=D, blocks={"double": nD, "single": nS}, arch="flux1", rank=r,
                        threshold=threshold, concepts=tuple(concepts), base_model=base_model,
                        config={"imported_from": "deng12yx/SafeRoPE RotaryAdapter", "source": os.path.basename(where),
                                "single_segments": list(single_segments)})

@@ -8,8 +8,13 @@ For a token vector ``x ∈ R^D`` (a query or a key, after QK-norm, before RoPE) 
     x' = x + U (exp(α·g·A) − I) c               rotate the in-subspace component only
 
 Queries use ``U_q``, keys ``U_k``; both use the generator ``A`` of their head and segment (text
-tokens ``A_txt``, image tokens ``A_img``). Tokens with ``g = 0``, every token when ``α = 0``,
-unselected heads and segments without a generator come out bit-identical.
+tokens ``A_txt``, image tokens ``A_img``). Each vector is transformed on its own (its own ρ), so
+hosts that normalise q and k in separate modules call :func:`saferope_x` once per tensor, and
+hosts that hand both over call :func:`saferope_qk`. Tokens with ``g = 0``, every token when
+``α = 0``, unselected heads and segments without a generator come out bit-identical.
+
+A sequence holds ``txt_len`` text tokens and then the image tokens, or — ``img_first`` — the
+image tokens first (diffusers' HunyuanImage and Z-Image put them first).
 """
 
 from __future__ import annotations
@@ -23,18 +28,20 @@ from torch import Tensor
 from .adapter import SEGMENTS, BlockAdapter
 from .rotation import expm_apply_series, normal_form
 
-__all__ = ["BlockRisk", "saferope_qk", "latent_risk"]
+__all__ = ["BlockRisk", "saferope_qk", "saferope_x", "latent_risk", "segment_bounds"]
 
 _EPS = 1e-12
+WHICH = ("q", "k")
 
 
 @dataclass
 class BlockRisk:
     """Per-token risk of one block, for the selected heads only.
 
-    ``rho_*`` are ``(B, n, L)`` float32 Latent Risk Scores; ``gated_*`` are ``(B, n, L)`` bool,
-    true where ``ρ > τ`` in a segment that has a generator (the tokens the rotation acts on
-    when ``strength > 0``). ``heads`` is ``(n,)``; ``txt_len`` splits ``L`` into text | image.
+    ``rho_*`` are ``(B, n, L)`` float32 Latent Risk Scores (``n_k`` key heads for ``rho_k`` under
+    grouped-query attention); ``gated_*`` are bool of the same shape, true where ``ρ > τ`` in a
+    segment that has a generator (the tokens the rotation acts on when ``strength > 0``).
+    ``heads``/``heads_k`` index them; ``txt_len`` and ``img_first`` place the text tokens.
     """
 
     heads: Tensor
@@ -43,6 +50,15 @@ class BlockRisk:
     rho_k: Tensor
     gated_q: Tensor
     gated_k: Tensor
+    heads_k: Tensor | None = None
+    img_first: bool = False
+
+
+def segment_bounds(L: int, txt_len: int, img_first: bool = False) -> dict[str, tuple[int, int]]:
+    """``{"txt": (a, b), "img": (c, d)}`` token ranges of a length-``L`` sequence."""
+    if img_first:
+        return {"txt": (L - txt_len, L), "img": (0, L - txt_len)}
+    return {"txt": (0, txt_len), "img": (txt_len, L)}
 
 
 def latent_risk(x: Tensor, U: Tensor) -> tuple[Tensor, Tensor]:
@@ -57,67 +73,78 @@ def _rho(c: Tensor, x: Tensor) -> Tensor:
     return (c.square().sum(-1) / energy.clamp_min(_EPS)).clamp(0.0, 1.0)
 
 
-class _Runtime:
-    """Device copies of one block's tensors, and the folded closed-form operators (lazily).
+class _Side:
+    """Device copies of one side (q or k) of a block, and its folded closed-form operators."""
 
-    Valid while the block holds the very same tensor objects, unmodified in place; the runtime
-    keeps references to them, so an object's identity cannot be recycled while it is cached.
-
-    The closed form folds each segment's normal-form pairs into the basis: ``W_seg = U·P_seg``
-    (``D × 2m``), so a token needs one projection ``xᵀ[W_txt | W_img | U]`` for both its rotation
-    coordinates and its risk, and one back-projection ``Δd·[W_txt | W_img]ᵀ``.
-    """
-
-    def __init__(self, block: BlockAdapter, device: torch.device, dtype: torch.dtype) -> None:
-        self.sources = _sources(block)
-        self.versions = _versions(self.sources)
+    def __init__(self, block: BlockAdapter, which: str, device: torch.device, dtype: torch.dtype) -> None:
+        heads = block.heads if which == "q" else block.k_heads
+        self.rows = None if which == "q" else block.k_rows  # generator row of each key head
+        self.heads = heads.to(device)
+        self.max_head = int(heads.max())
+        self.is_arange = bool((heads == torch.arange(heads.numel())).all())
+        self.U_src = block.U_q if which == "q" else block.U_k
+        self.U = self.U_src.detach().to(device, dtype)
         self.device, self.dtype = device, dtype
-        self.heads = block.heads.to(device)
-        n = block.heads.numel()
-        self.max_head = int(block.heads.max())
-        self.is_arange = bool((block.heads == torch.arange(n)).all())
-        self.U = {"q": block.U_q.detach().to(device, dtype), "k": block.U_k.detach().to(device, dtype)}
         self._folded: dict | None = None
 
-    def valid_for(self, block: BlockAdapter) -> bool:
-        now = _sources(block)
-        return all(a is b for a, b in zip(now, self.sources)) and _versions(now) == self.versions
+    def generator(self, block: BlockAdapter, seg: str) -> Tensor | None:
+        A = block.generator(seg)
+        return A if A is None or self.rows is None else A[self.rows]
 
     def folded(self, block: BlockAdapter) -> dict:
-        """``proj[which]: (n, D, K)`` = ``[W_txt | W_img | U | 0-pad]`` (K even), ``back[which]: (n, 2M, D)``,
-        ``cols[seg] = (start, m)`` of the segment's pairs, ``theta[seg]: (n, m)``, ``r0`` = first column of U."""
+        """``proj: (n, D, K)`` = ``[W_txt | W_img | U | 0-pad]`` (K even), ``back: (n, 2M, D)``,
+        ``cols[seg] = (start, m)`` of the segment's pairs, ``theta[seg]: (n, m)``, ``r0`` = first column of U.
+
+        The closed form folds each segment's normal-form pairs into the basis: ``W_seg = U·P_seg``
+        (``D × 2m``), so a token needs one projection ``xᵀ[W_txt | W_img | U]`` for both its rotation
+        coordinates and its risk, and one back-projection ``Δd·[W_txt | W_img]ᵀ``.
+        """
         if self._folded is None:
             r = block.rank
-            cols, theta, pieces, start = {}, {}, {"q": [], "k": []}, 0
+            Ud = self.U_src.detach().double()
+            cols, theta, pieces, start = {}, {}, [], 0
             for seg in SEGMENTS:
-                A = block.generator(seg)
+                A = self.generator(block, seg)
                 if A is None or r < 2:
                     continue
                 P, th = normal_form(A)  # (n, r, 2m), (n, m) float64
                 m = th.shape[-1]
                 cols[seg], theta[seg] = (start, m), th.to(self.device, self.dtype)
-                for w, U in (("q", block.U_q), ("k", block.U_k)):
-                    pieces[w].append(U.detach().double() @ P)  # (n, D, 2m)
+                pieces.append(Ud @ P)  # (n, D, 2m)
                 start += 2 * m
-            proj, back = {}, {}
-            for w, U in (("q", block.U_q), ("k", block.U_k)):
-                Ud = U.detach().double()
-                pad = Ud.new_zeros(*Ud.shape[:-1], (start + r) % 2)  # keep K even: complex views need it
-                W = torch.cat(pieces[w], dim=-1) if pieces[w] else Ud[..., :0]  # (n, D, 2M)
-                proj[w] = torch.cat([W, Ud, pad], dim=-1).to(self.device, self.dtype).contiguous()
-                back[w] = W.transpose(-1, -2).to(self.device, self.dtype).contiguous()  # (n, 2M, D)
-            self._folded = {"proj": proj, "back": back, "cols": cols, "theta": theta, "r0": start}
+            pad = Ud.new_zeros(*Ud.shape[:-1], (start + r) % 2)  # keep K even: complex views need it
+            W = torch.cat(pieces, dim=-1) if pieces else Ud[..., :0]  # (n, D, 2M)
+            self._folded = {"proj": torch.cat([W, Ud, pad], dim=-1).to(self.device, self.dtype).contiguous(),
+                            "back": W.transpose(-1, -2).to(self.device, self.dtype).contiguous(),  # (n, 2M, D)
+                            "cols": cols, "theta": theta, "r0": start}
         return self._folded
 
 
+class _Runtime:
+    """Device copies of one block's tensors per side, and the folded operators (lazily).
+
+    Valid while the block holds the very same tensor objects, unmodified in place; the runtime
+    keeps references to them, so an object's identity cannot be recycled while it is cached.
+    """
+
+    def __init__(self, block: BlockAdapter, device: torch.device, dtype: torch.dtype) -> None:
+        self.sources = _sources(block)
+        self.versions = _versions(self.sources)
+        self.side = {w: _Side(block, w, device, dtype) for w in WHICH}
+
+    def valid_for(self, block: BlockAdapter) -> bool:
+        now = _sources(block)
+        return all(a is b for a, b in zip(now, self.sources)) and _versions(now) == self.versions
+
+
 def _sources(block: BlockAdapter) -> tuple:
-    return (block.heads, block.U_q, block.U_k, block.A_txt, block.A_img)
+    return (block.heads, block.U_q, block.U_k, block.A_txt, block.A_img, block.kv_group)
 
 
 def _versions(sources: tuple) -> tuple:
     # Inference-mode tensors (ComfyUI runs nodes under torch.inference_mode()) have no version
     # counter; they cannot be modified in place outside inference mode, so identity suffices.
-    return tuple(None if t is None else (-1 if t.is_inference() else t._version) for t in sources)
+    return tuple(t._version if isinstance(t, Tensor) and not t.is_inference() else -1 for t in sources)
 
 
 def _runtime(block: BlockAdapter, device: torch.device, dtype: torch.dtype) -> _Runtime:
@@ -129,12 +156,12 @@ def _runtime(block: BlockAdapter, device: torch.device, dtype: torch.dtype) -> _
     return rt
 
 
-def _check(q: Tensor, k: Tensor, block: BlockAdapter, txt_len: int, strength: float, threshold: float) -> None:
-    if q.ndim != 4 or k.shape != q.shape:
-        raise ValueError(f"q and k must both be (B, H, L, D) of equal shape, got {tuple(q.shape)} and {tuple(k.shape)}")
-    if not (q.is_floating_point() and k.is_floating_point()):
-        raise TypeError(f"q and k must be floating point, got {q.dtype} and {k.dtype}")
-    L, D = q.shape[2], q.shape[3]
+def _check(x: Tensor, block: BlockAdapter, txt_len: int, strength: float, threshold: float) -> None:
+    if x.ndim != 4:
+        raise ValueError(f"q and k must be (B, H, L, D), got {tuple(x.shape)}")
+    if not x.is_floating_point():
+        raise TypeError(f"q and k must be floating point, got {x.dtype}")
+    L, D = x.shape[2], x.shape[3]
     if D != block.head_dim:
         raise ValueError(f"block {block.key}: head dim of q/k is {D}, adapter has {block.head_dim}")
     if not (isinstance(txt_len, int) and 0 <= txt_len <= L):
@@ -145,16 +172,17 @@ def _check(q: Tensor, k: Tensor, block: BlockAdapter, txt_len: int, strength: fl
         raise ValueError(f"threshold must be in [0, 1), got {threshold!r}")
 
 
-def saferope_qk(q: Tensor, k: Tensor, block: BlockAdapter, *, txt_len: int, strength: float = 1.0,
-                threshold: float, return_risk: bool = False, inplace: bool = False):
+def saferope_qk(q: Tensor, k: Tensor, block: BlockAdapter, *, txt_len: int, img_first: bool = False,
+                strength: float = 1.0, threshold: float, return_risk: bool = False, inplace: bool = False):
     """Apply SafeRoPE to the queries and keys of one block.
 
     Args:
-        q, k: ``(B, H, L, D)`` post-QK-norm, pre-RoPE, text tokens first (``[0, txt_len)``),
-            then image tokens (``[txt_len, L)``, reference-image tokens included). Any float dtype;
-            the transform runs in float32 (float64 stays float64) and is cast back.
+        q, k: ``(B, H, L, D)`` post-QK-norm, pre-RoPE (``k`` may have fewer heads under
+            grouped-query attention), ``txt_len`` text tokens first, then the image tokens
+            (reference-image tokens included) — or the image tokens first with ``img_first``.
+            Any float dtype; the transform runs in float32 (float64 stays float64) and is cast back.
         block: the adapter's parameters for this block.
-        txt_len: number of leading text tokens (``L`` for a text-only tensor, 0 for image-only).
+        txt_len: number of text tokens (``L`` for a text-only tensor, 0 for image-only).
         strength: ``α ≥ 0``; 0 returns the inputs unchanged.
         threshold: ``τ ∈ [0, 1)``.
         return_risk: also return a :class:`BlockRisk`.
@@ -167,54 +195,60 @@ def saferope_qk(q: Tensor, k: Tensor, block: BlockAdapter, *, txt_len: int, stre
         the input objects otherwise. Differentiable with respect to ``x`` and, when the generators
         require grad, with respect to them (a scaled Taylor series replaces the closed form then).
     """
-    _check(q, k, block, txt_len, strength, threshold)
-    L = q.shape[2]
-    bounds = {"txt": (0, txt_len), "img": (txt_len, L)}
-    active = tuple(s for s in SEGMENTS if block.generator(s) is not None and bounds[s][1] > bounds[s][0])
-    if not return_risk and (strength == 0.0 or not active):
-        return q, k
-
-    cdtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    rt = _runtime(block, q.device, cdtype)
-    if rt.max_head >= q.shape[1]:
-        raise ValueError(f"block {block.key}: adapter selects head {rt.max_head}, q/k have {q.shape[1]} heads")
-    all_heads = rt.is_arange and rt.heads.numel() == q.shape[1]  # no gather/scatter needed
-    train = torch.is_grad_enabled() and any(block.generator(s).requires_grad for s in active)
-    inplace = (inplace and not train and q is not k
-               and not (torch.is_grad_enabled() and (q.requires_grad or k.requires_grad)))
-    outs, risks = [], []
-    for x, which in ((q, "q"), (k, "k")):
-        xs = x if all_heads else x.index_select(1, rt.heads)  # (B,H,L,D) -> (B,n,L,D)
-        xc = xs.to(cdtype)  # xs itself for float32 inputs
-        if train:
-            y, rho, gate = _series(xc, block, rt, which, bounds, active, strength, threshold)
-        else:
-            y, rho, gate = _closed(xc, block, rt, which, bounds, active, strength, threshold,
-                                   full_risk=return_risk, inplace=inplace and xc is xs)
-        risks.append((rho, gate))
-        if y is None:  # nothing rotated
-            outs.append(x)
-            continue
-        y = y.to(x.dtype)
-        if all_heads:
-            outs.append(y)
-        else:
-            outs.append(x.index_copy_(1, rt.heads, y) if inplace else x.index_copy(1, rt.heads, y))
+    if q.ndim != 4 or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
+        raise ValueError(f"q and k must both be (B, H, L, D) with equal B, L, D, got {tuple(q.shape)} and {tuple(k.shape)}")
+    inplace = inplace and q is not k
+    outs = [saferope_x(x, block, w, txt_len=txt_len, img_first=img_first, strength=strength, threshold=threshold,
+                       return_risk=return_risk, inplace=inplace) for x, w in ((q, "q"), (k, "k"))]
     if not return_risk:
         return outs[0], outs[1]
-    risk = BlockRisk(heads=rt.heads, txt_len=txt_len, rho_q=risks[0][0].float(), rho_k=risks[1][0].float(),
-                     gated_q=risks[0][1], gated_k=risks[1][1])
-    return outs[0], outs[1], risk
+    (q2, rho_q, gate_q), (k2, rho_k, gate_k) = outs
+    rt = _runtime(block, q.device, _compute_dtype(q))
+    risk = BlockRisk(heads=rt.side["q"].heads, txt_len=txt_len, rho_q=rho_q.float(), rho_k=rho_k.float(),
+                     gated_q=gate_q, gated_k=gate_k, heads_k=rt.side["k"].heads, img_first=img_first)
+    return q2, k2, risk
 
 
-def _gate(rho: Tensor, bounds: dict, active: tuple, threshold: float) -> Tensor:
-    """``ρ > τ`` inside segments that have a generator; false elsewhere."""
-    gate = rho > threshold
-    for seg in SEGMENTS:
-        if seg not in active:
-            a, b = bounds[seg]
-            gate[..., a:b] = False
-    return gate
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def saferope_x(x: Tensor, block: BlockAdapter, which: str, *, txt_len: int, img_first: bool = False,
+               strength: float = 1.0, threshold: float, return_risk: bool = False, inplace: bool = False):
+    """Apply SafeRoPE to the queries (``which="q"``) or the keys (``"k"``) of one block.
+
+    Same arguments as :func:`saferope_qk` for one tensor ``x`` ``(B, H, L, D)``. Returns ``x'``, or
+    ``(x', rho, gate)`` with ``return_risk`` (``(B, n, L)`` each, over every token).
+    """
+    if which not in WHICH:
+        raise ValueError(f"which must be 'q' or 'k', got {which!r}")
+    _check(x, block, txt_len, strength, threshold)
+    L = x.shape[2]
+    bounds = segment_bounds(L, txt_len, img_first)
+    active = tuple(s for s in SEGMENTS if block.generator(s) is not None and bounds[s][1] > bounds[s][0])
+    if not return_risk and (strength == 0.0 or not active):
+        return x
+
+    cdtype = _compute_dtype(x)
+    side = _runtime(block, x.device, cdtype).side[which]
+    if side.max_head >= x.shape[1]:
+        raise ValueError(f"block {block.key}: adapter selects {which} head {side.max_head}, the tensor has {x.shape[1]} heads")
+    all_heads = side.is_arange and side.heads.numel() == x.shape[1]  # no gather/scatter needed
+    train = torch.is_grad_enabled() and any(block.generator(s).requires_grad for s in active)
+    inplace = inplace and not train and not (torch.is_grad_enabled() and x.requires_grad)
+    xs = x if all_heads else x.index_select(1, side.heads)  # (B,H,L,D) -> (B,n,L,D)
+    xc = xs.to(cdtype)  # xs itself for float32 inputs
+    if train:
+        y, rho, gate = _series(xc, block, side, bounds, active, strength, threshold)
+    else:
+        y, rho, gate = _closed(xc, block, side, bounds, active, strength, threshold,
+                               full_risk=return_risk, inplace=inplace and xc is xs)
+    if y is None:  # nothing rotated
+        out = x
+    else:
+        y = y.to(x.dtype)
+        out = y if all_heads else (x.index_copy_(1, side.heads, y) if inplace else x.index_copy(1, side.heads, y))
+    return (out, rho, gate) if return_risk else out
 
 
 def _nothing_to_do(x: Tensor, gate: Tensor, strength: float) -> bool:
@@ -235,25 +269,25 @@ def _active_span(bounds: dict, active: tuple) -> tuple[int, int]:
     return min(bounds[s][0] for s in active), max(bounds[s][1] for s in active)
 
 
-def _closed(xf: Tensor, block: BlockAdapter, rt: _Runtime, which: str, bounds: dict, active: tuple,
+def _closed(xf: Tensor, block: BlockAdapter, side: _Side, bounds: dict, active: tuple,
             strength: float, threshold: float, full_risk: bool = False, inplace: bool = False):
     """Inference path: closed-form rotations from the folded normal form (no per-token r×r matrix).
 
     Works on the token span of the active segments only; returns ``(x' or None, ρ, gate)``, ρ and
     gate over that span, or over every token with ``full_risk`` (the risk map; same ``x'``).
     """
-    f = rt.folded(block)
+    f = side.folded(block)
     r0, r = f["r0"], block.rank
     L = xf.shape[2]
     lo, hi = _active_span(bounds, active)
     xs = xf[:, :, lo:hi]  # (B,n,L,D) -> (B,n,Ls,D) view
     rel = {seg: (min(max(a - lo, 0), hi - lo), min(max(b - lo, 0), hi - lo)) for seg, (a, b) in bounds.items()}
-    y = torch.matmul(xs, f["proj"][which])  # (B,n,Ls,D) @ (n,D,K) -> (B,n,Ls,K): [d_txt | d_img | c | pad]
+    y = torch.matmul(xs, f["proj"])  # (B,n,Ls,D) @ (n,D,K) -> (B,n,Ls,K): [d_txt | d_img | c | pad]
     rho = _rho(y[..., r0:r0 + r], xs)  # (B,n,Ls)
     gate = rho > threshold  # every token of the span is in an active segment
     if full_risk and (lo, hi) != (0, L):  # the risk map covers every token; nothing outside the span is gated
-        rho_all = torch.cat([latent_risk(xf[:, :, :lo], rt.U[which])[0], rho,
-                             latent_risk(xf[:, :, hi:], rt.U[which])[0]], dim=2)  # (B,n,L)
+        rho_all = torch.cat([latent_risk(xf[:, :, :lo], side.U)[0], rho,
+                             latent_risk(xf[:, :, hi:], side.U)[0]], dim=2)  # (B,n,L)
         gate_all = torch.zeros_like(rho_all, dtype=torch.bool)
         gate_all[:, :, lo:hi] = gate
         ret_rho, ret_gate = rho_all, gate_all
@@ -270,13 +304,13 @@ def _closed(xf: Tensor, block: BlockAdapter, rt: _Runtime, which: str, bounds: d
         out = xf if inplace else xf.clone()  # ungated tokens: exact copies (or untouched, in place)
         seg_of = {seg: (idx[2] >= rel[seg][0]) & (idx[2] < rel[seg][1]) for seg in f["cols"]}  # (G,) each
         dd = _pair_deltas(y[idx], s[idx], f, seg_of, idx[1])  # (G,K), (G,) -> (G,2M)
-        dx = torch.bmm(dd.unsqueeze(1), f["back"][which][idx[1]]).squeeze(1)  # (G,1,2M) @ (G,2M,D) -> (G,D)
+        dx = torch.bmm(dd.unsqueeze(1), f["back"][idx[1]]).squeeze(1)  # (G,1,2M) @ (G,2M,D) -> (G,D)
         span = out[:, :, lo:hi]  # a view: assigning through it writes into out
         span[idx] = xs[idx] + dx  # the right side is gathered before the write
         return out, ret_rho, ret_gate
     seg_of = {seg: _span_mask(*rel[seg], like=s) for seg in f["cols"]}  # (Ls,) each
     dd = _pair_deltas(y, s, f, seg_of, None)  # (B,n,Ls,2M)
-    dx = torch.matmul(dd, f["back"][which])  # (B,n,Ls,2M) @ (n,2M,D) -> (B,n,Ls,D)
+    dx = torch.matmul(dd, f["back"])  # (B,n,Ls,2M) @ (n,2M,D) -> (B,n,Ls,D)
     new = torch.where(gate.unsqueeze(-1), dx.add_(xs), xs)  # x + Δx; ungated tokens: exact copies
     if (lo, hi) != (0, L):
         new = torch.cat([xf[:, :, :lo], new, xf[:, :, hi:]], dim=2)  # (B,n,L,D)
@@ -308,25 +342,28 @@ def _span_mask(a: int, b: int, like: Tensor) -> Tensor:
     return m
 
 
-def _series(xf: Tensor, block: BlockAdapter, rt: _Runtime, which: str, bounds: dict, active: tuple,
+def _series(xf: Tensor, block: BlockAdapter, side: _Side, bounds: dict, active: tuple,
             strength: float, threshold: float):
     """Training path: differentiable in the generators (scaled Taylor series on the coefficients)."""
-    U = rt.U[which]
-    rho, c = latent_risk(xf, U)  # (B,n,L), (B,n,L,r)
-    gate = _gate(rho, bounds, active, threshold)
+    rho, c = latent_risk(xf, side.U)  # (B,n,L), (B,n,L,r)
+    gate = rho > threshold
+    for seg in SEGMENTS:
+        if seg not in active:
+            a, b = bounds[seg]
+            gate[..., a:b] = False
     if _nothing_to_do(xf, gate, strength):
         return None, rho, gate
     s = torch.where(gate, strength * rho, torch.zeros_like(rho))
     parts = []
-    for seg in SEGMENTS:
+    for seg in sorted(SEGMENTS, key=lambda sg: bounds[sg][0]):  # in token order
         a, b = bounds[seg]
         if b <= a:
             continue
         if seg not in active:
             parts.append(torch.zeros_like(c[..., a:b, :]))
         else:
-            A = block.generator(seg).to(xf.device, xf.dtype)
+            A = side.generator(block, seg).to(xf.device, xf.dtype)
             parts.append(expm_apply_series(c[..., a:b, :], A, s[..., a:b]) - c[..., a:b, :])
     dc = torch.cat(parts, dim=2) if len(parts) > 1 else parts[0]  # (B,n,L,r)
-    dx = torch.matmul(dc, U.transpose(-1, -2))  # (B,n,L,r) @ (n,r,D) -> (B,n,L,D)
+    dx = torch.matmul(dc, side.U.transpose(-1, -2))  # (B,n,L,r) @ (n,r,D) -> (B,n,L,D)
     return torch.where(gate.unsqueeze(-1), xf + dx, xf), rho, gate

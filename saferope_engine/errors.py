@@ -8,15 +8,19 @@ class SafeRoPEError(Exception):
 
 
 class AdapterFormatError(SafeRoPEError, ValueError):
-    """An adapter file or in-memory adapter violates format v1 (design §4).
+    """An adapter file or in-memory adapter violates the adapter format (design §4, §8).
 
     The message names the file (when there is one) and the offending key or tensor.
     """
 
 
 class IncompatibleAdapterError(SafeRoPEError, ValueError):
-    """The adapter was built for a model of other shapes (heads, head dim, block counts)."""
+    """The adapter was built for another model: another family, or other heads, head size or block counts."""
 
 
 class HookNotRunError(SafeRoPEError, RuntimeError):
     """A SafeRoPE patch was installed but did not run during a model call (fail closed)."""
+
+
+class UnsupportedModelError(IncompatibleAdapterError):
+    """The model is of no supported family (or lacks what SafeRoPE hooks); the message names what was found."""

@@ -28,7 +28,15 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["normal_form", "expm_apply_series", "reference_rotate", "skew_error"]
+from .errors import SafeRoPEError
+
+__all__ = ["normal_form", "expm_apply_series", "reference_rotate", "skew_error", "MAX_SERIES_SCALE"]
+
+#: Largest ``|s|·‖A‖`` the series accepts: 4 (the largest strength the nodes offer) times the
+#: adapter format's generator bound (``adapter.MAX_GENERATOR_NORM`` = 256). The series takes
+#: ``2·|s|·‖A‖`` squaring steps, so this bounds its work; beyond it the generator has diverged
+#: (a too-large learning rate, a damaged checkpoint) and going on would only loop for a long time.
+MAX_SERIES_SCALE = 1024.0
 
 
 def skew_error(A: Tensor) -> Tensor:
@@ -81,6 +89,9 @@ def expm_apply_series(c: Tensor, A: Tensor, s: Tensor, *, terms: int = 12) -> Te
     """
     with torch.no_grad():
         bound = float(s.abs().amax()) * float(torch.linalg.matrix_norm(A).amax()) if c.numel() else 0.0
+    if not bound <= MAX_SERIES_SCALE:  # also catches NaN and inf
+        raise SafeRoPEError(f"rotation generator too large: |s|·‖A‖ = {bound:.3g} exceeds {MAX_SERIES_SCALE:g} "
+                            "(a diverged training step or a damaged generator; lower the learning rate)")
     steps = max(1, math.ceil(2.0 * bound))
     h = (s / steps).unsqueeze(-1)  # (B,n,L,1)
     At = A.transpose(-1, -2)  # row-vector convention: (A c)ᵀ = cᵀ Aᵀ

@@ -22,14 +22,16 @@ from typing import Iterable, Mapping
 import torch
 from torch import Tensor
 
-from .adapter import BLOCK_KINDS, SEGMENTS, AdapterMeta, BlockAdapter, SafeRoPEAdapter
+from . import arch as archs
+from .adapter import SEGMENTS, AdapterMeta, BlockAdapter, SafeRoPEAdapter, key_heads
+from .core import segment_bounds
 from .errors import SafeRoPEError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "StatKey", "GramAccumulator", "top_basis", "contrast_gram", "basis_for", "BASES", "energy_share", "discrimination_scores", "HeadSelection",
-    "select_heads", "assemble_adapter",
+    "StatKey", "GramAccumulator", "top_basis", "contrast_gram", "basis_for", "BASES", "energy_share",
+    "discrimination_scores", "HeadSelection", "select_heads", "default_segments", "basis_segments", "assemble_adapter",
 ]
 
 WHICH = ("q", "k")
@@ -40,35 +42,42 @@ class GramAccumulator:
     """Streaming per-head Gram matrices ``Σ x xᵀ`` and token counts.
 
     Keys are ``(kind, block, which, segment)``; each value is ``(H, D, D)`` in ``dtype``
-    (float64 by default, on CPU by default: FLUX.1 needs ~3 MB per key and head set).
+    (float64 by default, on CPU by default: FLUX.1 needs ~3 MB per key and head set), with ``H``
+    the key heads for ``which = "k"`` under grouped-query attention (``num_kv_heads``).
     """
 
-    def __init__(self, num_heads: int, head_dim: int, *, dtype: torch.dtype = torch.float64,
-                 device: torch.device | str = "cpu") -> None:
+    def __init__(self, num_heads: int, head_dim: int, *, num_kv_heads: int | None = None,
+                 dtype: torch.dtype = torch.float64, device: torch.device | str = "cpu") -> None:
         self.num_heads, self.head_dim = num_heads, head_dim
+        self.num_kv_heads = None if num_kv_heads in (None, num_heads) else num_kv_heads
         self.dtype, self.device = dtype, torch.device(device)
         self.grams: dict[StatKey, Tensor] = {}
         self.counts: dict[StatKey, int] = {}
 
-    def add(self, kind: str, index: int, which: str, x: Tensor, *, txt_len: int,
+    def heads_of(self, which: str) -> int:
+        return self.num_heads if which == "q" or self.num_kv_heads is None else self.num_kv_heads
+
+    def add(self, kind: str, index: int, which: str, x: Tensor, *, txt_len: int, img_first: bool = False,
             txt_mask: Tensor | None = None, segments: Iterable[str] = SEGMENTS) -> None:
-        """Accumulate ``(B, H, L, D)`` vectors of one block (text tokens first).
+        """Accumulate ``(B, H, L, D)`` vectors of one block.
 
         Args:
-            txt_len: number of leading text tokens.
+            txt_len: number of text tokens (leading, or trailing with ``img_first``).
             txt_mask: optional ``(B, txt_len)`` bool, true for real (non-padding) text tokens.
             segments: which segments to accumulate.
         """
-        if kind not in BLOCK_KINDS or which not in WHICH:
+        if which not in WHICH or not (isinstance(kind, str) and kind):
             raise ValueError(f"bad key ({kind!r}, {which!r})")
-        if x.ndim != 4 or x.shape[1] != self.num_heads or x.shape[3] != self.head_dim:
-            raise ValueError(f"expected (B, {self.num_heads}, L, {self.head_dim}), got {tuple(x.shape)}")
-        B, H, L, D = x.shape
+        H = self.heads_of(which)
+        if x.ndim != 4 or x.shape[1] != H or x.shape[3] != self.head_dim:
+            raise ValueError(f"expected {which} of shape (B, {H}, L, {self.head_dim}), got {tuple(x.shape)}")
+        B, _, L, D = x.shape
         if not 0 <= txt_len <= L:
             raise ValueError(f"txt_len {txt_len} outside [0, {L}]")
+        bounds = segment_bounds(L, txt_len, img_first)
         with torch.no_grad():
             for seg in segments:
-                a, b = (0, txt_len) if seg == "txt" else (txt_len, L)
+                a, b = bounds[seg]
                 xs = x[:, :, a:b].to(self.device, self.dtype)  # (B,H,Ls,D)
                 if seg == "txt" and txt_mask is not None:
                     if tuple(txt_mask.shape) != (B, txt_len):
@@ -120,6 +129,8 @@ class GramAccumulator:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp")
         meta = {"num_heads": str(self.num_heads), "head_dim": str(self.head_dim), **(metadata or {})}
+        if self.num_kv_heads is not None:
+            meta["num_kv_heads"] = str(self.num_kv_heads)
         save_file(self.state_dict(), str(tmp), metadata=meta)
         os.replace(tmp, path)
 
@@ -130,11 +141,12 @@ class GramAccumulator:
         try:
             with safe_open(str(path), framework="pt", device="cpu") as f:
                 meta = f.metadata() or {}
-                acc = cls(int(meta["num_heads"]), int(meta["head_dim"]))
+                kv = int(meta["num_kv_heads"]) if "num_kv_heads" in meta else None
+                acc = cls(int(meta["num_heads"]), int(meta["head_dim"]), num_kv_heads=kv)
                 for name in f.keys():
                     if not name.endswith(".gram"):
                         continue
-                    kind, idx, which, seg, _ = name.split(".")
+                    kind, idx, which, seg, _ = name.rsplit(".", 4)
                     key = (kind, int(idx), which, seg)
                     acc.grams[key] = f.get_tensor(name).to(acc.dtype)
                     acc.counts[key] = int(f.get_tensor(name[: -len("gram")] + "count")[0])
@@ -213,36 +225,42 @@ def energy_share(gram: Tensor, U: Tensor) -> Tensor:
 
 
 def discrimination_scores(unsafe: GramAccumulator, safe: GramAccumulator, rank: int, *,
-                          segment: str = "txt", which: Iterable[str] = WHICH,
+                          segment: str | Mapping[str, str] = "txt", which: Iterable[str] = WHICH,
                           num_blocks: Mapping[str, int] | None = None, basis: str = "unsafe",
                           contrast_weight: float = 1.0) -> dict[str, Tensor]:
-    """``d = E_unsafe − E_safe`` per (kind, block, head), averaged over ``which`` (q and k).
+    """``d = E_unsafe − E_safe`` per (kind, block, query head), averaged over ``which`` (q and k).
 
     The subspace is :func:`basis_for` of the same key (``basis`` = ``unsafe`` or ``contrast``).
+    ``segment`` is the token segment scored, or a mapping kind → segment (kinds without text tokens
+    are scored on their image tokens). Under grouped-query attention a query head takes the key
+    score of its key head.
 
     Returns:
-        ``{kind: (num_blocks, H) float32}``; blocks without statistics get ``-inf``.
+        ``{kind: (num_blocks, H) float32}`` in the order of ``num_blocks`` (or of the statistics);
+        blocks without statistics get ``-inf``.
     """
     which = tuple(which)
+    seg_of = (lambda kind: segment.get(kind, "txt")) if isinstance(segment, Mapping) else (lambda kind: segment)
     found: dict[str, int] = {}
     for kind, idx, w, seg in unsafe.keys():
-        if seg == segment and w in which:
+        if seg == seg_of(kind) and w in which:
             found[kind] = max(found.get(kind, 0), idx + 1)
     sizes = dict(num_blocks) if num_blocks is not None else found
+    group = 1 if unsafe.num_kv_heads is None else unsafe.num_heads // unsafe.num_kv_heads
     out: dict[str, Tensor] = {}
-    for kind in BLOCK_KINDS:
-        n = sizes.get(kind, 0)
+    for kind, n in sizes.items():
         if n == 0:
             continue
         scores = torch.full((n, unsafe.num_heads), float("-inf"))
         for idx in range(n):
             parts = []
             for w in which:
-                key = (kind, idx, w, segment)
+                key = (kind, idx, w, seg_of(kind))
                 if key not in unsafe.grams or key not in safe.grams:
                     continue
-                U = basis_for(unsafe, safe, key, rank, basis, contrast_weight=contrast_weight)  # (H, D, r)
-                parts.append(energy_share(unsafe.grams[key], U) - energy_share(safe.grams[key], U))
+                U = basis_for(unsafe, safe, key, rank, basis, contrast_weight=contrast_weight)  # (H_w, D, r)
+                d = energy_share(unsafe.grams[key], U) - energy_share(safe.grams[key], U)  # (H_w,)
+                parts.append(d.repeat_interleave(group) if w == "k" and group > 1 else d)  # key head -> its query heads
             if parts:
                 scores[idx] = torch.stack(parts).mean(0)
         out[kind] = scores
@@ -261,12 +279,13 @@ class HeadSelection:
 
 
 def select_heads(scores: Mapping[str, Tensor], *, count: int | None = None, fraction: float | None = None,
-                 margin: float | None = None, kinds: Iterable[str] = BLOCK_KINDS) -> HeadSelection:
+                 margin: float | None = None, kinds: Iterable[str] | None = None) -> HeadSelection:
     """Keep the best heads by discrimination score.
 
-    ``count`` keeps the top-N over all blocks of ``kinds``; ``fraction`` the top share of all
-    heads; ``margin`` only heads with ``d ≥ margin``. Combinations apply all of them (the
-    intersection); at least one must be given. Ties break by (kind, block, head) order.
+    ``count`` keeps the top-N over all blocks of ``kinds`` (default: every kind of ``scores``);
+    ``fraction`` the top share of all heads; ``margin`` only heads with ``d ≥ margin``.
+    Combinations apply all of them (the intersection); at least one must be given. Ties break by
+    (kind order of ``scores``, block, head).
     """
     if count is None and fraction is None and margin is None:
         raise ValueError("give count, fraction and/or margin")
@@ -274,8 +293,11 @@ def select_heads(scores: Mapping[str, Tensor], *, count: int | None = None, frac
         raise ValueError(f"count must be ≥ 1, got {count}")
     if fraction is not None and not 0.0 < fraction <= 1.0:
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
+    if margin is not None and not math.isfinite(margin):
+        raise ValueError(f"margin must be a finite number, got {margin}")
+    order = {k: i for i, k in enumerate(scores)}
     cands: list[tuple[float, str, int, int]] = []
-    for kind in kinds:
+    for kind in (list(scores) if kinds is None else kinds):
         s = scores.get(kind)
         if s is None:
             continue
@@ -285,7 +307,7 @@ def select_heads(scores: Mapping[str, Tensor], *, count: int | None = None, frac
                 if math.isfinite(v):
                     cands.append((v, kind, b, h))
     total = len(cands)
-    cands.sort(key=lambda t: (-t[0], BLOCK_KINDS.index(t[1]), t[2], t[3]))
+    cands.sort(key=lambda t: (-t[0], order[t[1]], t[2], t[3]))
     if margin is not None:
         cands = [c for c in cands if c[0] >= margin]
     limit = len(cands)
@@ -296,45 +318,64 @@ def select_heads(scores: Mapping[str, Tensor], *, count: int | None = None, frac
     chosen: dict[tuple[str, int], list[int]] = {}
     for _, kind, b, h in cands[:limit]:
         chosen.setdefault((kind, b), []).append(h)
-    return HeadSelection({k: sorted(v) for k, v in sorted(chosen.items(), key=lambda kv: (BLOCK_KINDS.index(kv[0][0]), kv[0][1]))},
+    return HeadSelection({k: sorted(v) for k, v in sorted(chosen.items(), key=lambda kv: (order[kv[0][0]], kv[0][1]))},
                          dict(scores))
 
 
+def default_segments(family: archs.Arch) -> dict[str, tuple[str, ...]]:
+    """Generators per kind when none are asked for: text tokens where a kind has them (the authors'
+    choice for FLUX double blocks), else what the kind carries."""
+    return {k.name: ("txt",) if "txt" in k.segments else k.segments for k in family.kinds}
+
+
+def basis_segments(family: archs.Arch) -> dict[str, str]:
+    """The segment whose statistics give each kind's bases and scores: text where a kind has text."""
+    return {k.name: "txt" if "txt" in k.segments else k.segments[0] for k in family.kinds}
+
+
 def assemble_adapter(unsafe: GramAccumulator, selection: HeadSelection | Mapping[tuple[str, int], list[int]],
-                     *, rank: int, num_double_blocks: int, num_single_blocks: int,
+                     *, rank: int, blocks: Mapping[str, int], arch: str = "flux1",
                      segments: Mapping[str, Iterable[str]] | None = None,
                      generators: Mapping[str, Tensor] | None = None, threshold: float = 0.5,
                      concepts: Iterable[str] = (), base_model: str = "", config: Mapping | None = None,
-                     basis_segment: str = "txt", basis: str = "unsafe",
+                     basis_segment: str | Mapping[str, str] | None = None, basis: str = "unsafe",
                      safe: GramAccumulator | None = None, contrast_weight: float = 1.0) -> SafeRoPEAdapter:
     """Build an adapter from the unsafe statistics and a head selection.
 
     Args:
         unsafe: accumulated statistics of unsafe prompts; ``U_q``/``U_k`` are :func:`basis_for`
-            their ``basis_segment`` statistics (``basis`` ``unsafe``, or ``contrast`` with ``safe``).
-        selection: heads per ``(kind, block)``.
+            their ``basis_segment`` statistics (``basis`` ``unsafe``, or ``contrast`` with ``safe``;
+            default per kind: :func:`basis_segments`).
+        selection: query heads per ``(kind, block)``.
+        blocks: block kind → count of the target model (every kind of ``arch``).
         segments: which generators each block kind gets, e.g. ``{"double": ["txt"], "single":
-            ["txt", "img"]}`` (default: text only, the authors' double-block choice).
+            ["txt", "img"]}`` (default :func:`default_segments`).
         generators: optional ``{"double.3.A_txt": (n, r, r)}`` tensors; missing ones are zero
-            (identity at init).
+            (identity at init — a file needs trained, non-zero ones).
     """
+    family = archs.get(arch)
     heads_map = selection.heads if isinstance(selection, HeadSelection) else selection
-    segments = {k: tuple(v) for k, v in (segments or {"double": ("txt",), "single": ("txt",)}).items()}
+    segments = {k: tuple(v) for k, v in (segments or default_segments(family)).items()}
+    bseg = basis_segments(family)
+    if isinstance(basis_segment, str):
+        bseg = {k: basis_segment for k in bseg}
+    elif basis_segment is not None:
+        bseg.update(basis_segment)
     generators = dict(generators or {})
-    meta = AdapterMeta(num_heads=unsafe.num_heads, head_dim=unsafe.head_dim, num_double_blocks=num_double_blocks,
-                       num_single_blocks=num_single_blocks, rank=rank, threshold=threshold,
+    meta = AdapterMeta(num_heads=unsafe.num_heads, head_dim=unsafe.head_dim, rank=rank, blocks=dict(blocks),
+                       arch=family.id, num_kv_heads=unsafe.num_kv_heads, threshold=threshold,
                        concepts=tuple(concepts), base_model=base_model, config=config)
-    blocks = []
+    out = []
     for (kind, idx), heads in heads_map.items():
         if not heads:
             continue
         h = torch.tensor(sorted(heads), dtype=torch.int64)
         bases = {}
-        for w in WHICH:
-            key = (kind, idx, w, basis_segment)
+        for w, hw in (("q", h), ("k", key_heads(h, meta.kv_group))):
+            key = (kind, idx, w, bseg.get(kind, "txt"))
             if key not in unsafe.grams:
-                raise SafeRoPEError(f"no {w} statistics for {kind} block {idx} ({basis_segment} segment)")
-            bases[w] = basis_for(unsafe, safe, key, rank, basis, heads=h, contrast_weight=contrast_weight)  # (n, D, r)
+                raise SafeRoPEError(f"no {w} statistics for {kind} block {idx} ({key[3]} segment)")
+            bases[w] = basis_for(unsafe, safe, key, rank, basis, heads=hw, contrast_weight=contrast_weight)  # (n_w, D, r)
         gens = {}
         for seg in segments.get(kind, ()):
             name = f"{kind}.{idx}.A_{seg}"
@@ -342,7 +383,7 @@ def assemble_adapter(unsafe: GramAccumulator, selection: HeadSelection | Mapping
             gens[seg] = torch.zeros(len(h), rank, rank) if g is None else g.detach().to(torch.float32).clone()
         if not gens:
             continue
-        blocks.append(BlockAdapter(kind, idx, h, bases["q"], bases["k"], gens.get("txt"), gens.get("img")))
+        out.append(BlockAdapter(kind, idx, h, bases["q"], bases["k"], gens.get("txt"), gens.get("img")))
     if generators:
         raise SafeRoPEError(f"generators given for blocks/segments not in the selection: {sorted(generators)}")
-    return SafeRoPEAdapter(meta, blocks)
+    return SafeRoPEAdapter(meta, out)

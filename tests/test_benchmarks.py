@@ -44,6 +44,6 @@ def test_toy_step_times_an_adapter(tmp_path):
     cfg = load_pipeline().transformer.config
     path = tmp_path / "a.safetensors"
     random_adapter(num_heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
-                   num_double_blocks=cfg.num_layers, num_single_blocks=cfg.num_single_layers, rank=2).save(path)
+                   model_blocks={"double": cfg.num_layers, "single": cfg.num_single_layers}, rank=2).save(path)
     out = json.loads(_run("benchmarks/toy_step.py", str(path), "--rounds", "1", "--batch", "4"))
     assert set(out["relative_to_base"]) == {"base", "a.safetensors"} and out["relative_to_base"]["base"] == 1.0

@@ -34,7 +34,8 @@ def test_import_conventions():
     sd = authors_state_dict()
     adapter, report = import_authors_state_dict(sd, threshold=0.7)
     m = adapter.meta
-    assert (m.num_heads, m.head_dim, m.num_double_blocks, m.num_single_blocks, m.rank) == (H, D, nD, nS, r)
+    assert (m.num_heads, m.head_dim, m.blocks["double"], m.blocks["single"], m.rank) == (H, D, nD, nS, r)
+    assert m.arch == "flux1"
     assert m.threshold == 0.7
     assert report.dropped_heads == {"double.0": [1], "single.2": [0]}
     assert adapter.block("double", 0).heads.tolist() == [0, 2, 3]

@@ -262,7 +262,7 @@ def test_input_validation_messages():
         saferope_qk(q, q, block, txt_len=7, threshold=0.5)
     with pytest.raises(ValueError, match="head dim"):
         saferope_qk(torch.randn(1, 4, 6, 9), torch.randn(1, 4, 6, 9), block, txt_len=2, threshold=0.5)
-    with pytest.raises(ValueError, match="selects head 3"):
+    with pytest.raises(ValueError, match="selects q head 3"):
         saferope_qk(torch.randn(1, 3, 6, 8), torch.randn(1, 3, 6, 8), block, txt_len=2, threshold=0.5)
     with pytest.raises(ValueError, match="threshold"):
         saferope_qk(q, q, block, txt_len=2, threshold=1.0)
@@ -317,3 +317,57 @@ def test_inplace_equals_out_of_place_and_is_refused_under_autograd(heads, cpu_pa
     assert torch.equal(q3.detach(), q) and torch.allclose(q4.detach(), ref_q, atol=1e-6)  # autograd: out of place
     q4.sum().backward()
     assert q3.grad is not None
+
+
+def test_image_first_layout_equals_the_text_first_one_on_reordered_tokens(cpu_path):
+    """``img_first``: the same tokens in the order [image, text] (diffusers' HunyuanImage, Z-Image)."""
+    block = make_block("single", [0, 2], 16, 4, seed=3)
+    q, k = risky_inputs(block, 2, 3, 11, seed=4)
+    txt = 4
+    q2, k2 = saferope_qk(q, k, block, txt_len=txt, threshold=0.3)
+    perm = torch.cat([torch.arange(txt, 11), torch.arange(txt)])  # image tokens first
+    qi, ki = saferope_qk(q[:, :, perm], k[:, :, perm], block, txt_len=txt, img_first=True, threshold=0.3)
+    assert torch.allclose(qi, q2[:, :, perm], atol=1e-6) and torch.allclose(ki, k2[:, :, perm], atol=1e-6)
+    assert not torch.equal(q2, q)
+
+
+def test_single_tensor_transform_equals_the_joint_one(cpu_path):
+    block = make_block("double", [1, 3], 16, 3, seed=5)
+    q, k = risky_inputs(block, 2, 4, 9, seed=6)
+    q2, k2 = saferope_qk(q, k, block, txt_len=5, threshold=0.2)
+    assert torch.equal(core.saferope_x(q, block, "q", txt_len=5, threshold=0.2), q2)
+    assert torch.equal(core.saferope_x(k, block, "k", txt_len=5, threshold=0.2), k2)
+
+
+def test_grouped_query_keys_rotate_with_their_groups_first_generator(cpu_path):
+    """4 query heads, 2 key heads: selected query heads [0, 1, 3] -> key heads [0, 1] with generators of rows 0 and 2."""
+    D, r, g = 16, 4, torch.Generator().manual_seed(9)
+    heads = torch.tensor([0, 1, 3])
+    block = BlockAdapter("main", 0, heads, random_orthonormal(3, D, r, generator=g), random_orthonormal(2, D, r, generator=g),
+                         random_skew(3, r, scale=0.7, generator=g), None, kv_group=2)
+    assert block.k_heads.tolist() == [0, 1] and block.k_rows.tolist() == [0, 2]
+    k = torch.randn(2, 2, 7, D, generator=g)  # (B, H_kv, L, D)
+    k[:, :, :3] += 3 * (torch.randn(2, 2, 3, r, generator=g) @ block.U_k.transpose(-1, -2))  # risky text tokens
+    out = core.saferope_x(k, block, "k", txt_len=7, threshold=0.3)
+    ref_block = BlockAdapter("main", 0, torch.tensor([0, 1]), block.U_k, block.U_k, block.A_txt[[0, 2]], None)
+    expect = reference(k, ref_block, "k", txt_len=7, strength=1.0, tau=0.3)
+    assert torch.allclose(out.double(), expect, atol=1e-5)
+    assert not torch.equal(out, k)
+
+
+def test_a_huge_generator_is_refused_at_once_instead_of_looping():
+    """A diverged generator (one entry 1.7e38) would take ~1e38 series steps; the series refuses in milliseconds."""
+    import time
+
+    from saferope_engine import SafeRoPEError
+
+    A = torch.zeros(1, 2, 2)
+    A[0, 0, 1], A[0, 1, 0] = 1.7e38, -1.7e38
+    c, s = torch.randn(1, 1, 3, 2), torch.ones(1, 1, 3)
+    t0 = time.perf_counter()
+    with pytest.raises(SafeRoPEError, match="too large.*lower the learning rate"):
+        expm_apply_series(c, A.requires_grad_(), s)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(SafeRoPEError):
+            expm_apply_series(c, torch.full((1, 2, 2), bad), s)
+    assert time.perf_counter() - t0 < 1.0

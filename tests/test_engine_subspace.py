@@ -7,7 +7,8 @@ import math
 import pytest
 import torch
 
-from saferope_engine import load_adapter, saferope_qk
+from saferope_engine import AdapterFormatError, load_adapter, saferope_qk
+from saferope_engine.testing import random_skew
 from saferope_engine.subspace import (GramAccumulator, assemble_adapter, discrimination_scores, energy_share,
                                       select_heads, top_basis)
 
@@ -131,7 +132,7 @@ def test_assembled_adapter_is_identity_at_init_and_round_trips(tmp_path):
     fill(unsafe, True, dirs, 5, seed=5)
     fill(safe, False, dirs, 5, seed=6)
     sel = select_heads(discrimination_scores(unsafe, safe, R), count=3)
-    adapter = assemble_adapter(unsafe, sel, rank=R, num_double_blocks=2, num_single_blocks=2,
+    adapter = assemble_adapter(unsafe, sel, rank=R, blocks={"double": 2, "single": 2},
                                segments={"double": ["txt"], "single": ["txt", "img"]}, threshold=0.3,
                                concepts=["planted"], base_model="synthetic", config={"note": "test"})
     assert adapter.block_keys() == [("double", 1), ("single", 0)]
@@ -139,10 +140,16 @@ def test_assembled_adapter_is_identity_at_init_and_round_trips(tmp_path):
     q = torch.randn(1, H, 10, D)
     q2, k2 = saferope_qk(q, q, adapter.block("single", 0), txt_len=4, threshold=0.0)
     assert torch.equal(q2, q)  # zero generators: the rotation is the identity
+    with pytest.raises(AdapterFormatError, match="exactly zero"):  # untrained: no file of it
+        adapter.save(tmp_path / "a.safetensors")
+    for b in adapter.blocks.values():  # "trained" generators
+        for A in (b.A_txt, b.A_img):
+            if A is not None:
+                A.copy_(random_skew(A.shape[0], R, generator=torch.Generator().manual_seed(3)))
     adapter.save(tmp_path / "a.safetensors")
     assert load_adapter(tmp_path / "a.safetensors").meta.config == {"note": "test"}
     with pytest.raises(Exception, match="not in the selection"):
-        assemble_adapter(unsafe, sel, rank=R, num_double_blocks=2, num_single_blocks=2,
+        assemble_adapter(unsafe, sel, rank=R, blocks={"double": 2, "single": 2},
                          generators={"double.0.A_txt": torch.zeros(1, R, R)})
 
 

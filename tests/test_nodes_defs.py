@@ -109,7 +109,7 @@ def fake_folder_paths(tmp_path, monkeypatch):
 def small_adapter() -> SafeRoPEAdapter:
     U = torch.linalg.qr(torch.randn(1, 8, 2, dtype=torch.float64))[0].float()
     A = torch.tensor([[[0.0, -1.0], [1.0, 0.0]]])
-    meta = AdapterMeta(num_heads=2, head_dim=8, num_double_blocks=1, num_single_blocks=1, rank=2, threshold=0.5)
+    meta = AdapterMeta(num_heads=2, head_dim=8, blocks={"double": 1, "single": 1}, rank=2, threshold=0.5)
     return SafeRoPEAdapter(meta, [BlockAdapter("double", 0, torch.tensor([1]), U, U.clone(), A)])
 
 

@@ -22,10 +22,12 @@ sys.path.insert(0, str(Path(__file__).parent / "comfy"))
 from packload import load_pack  # noqa: E402
 
 PACK = load_pack()
-from saferope_pack.nodes.compat import diffusion_model_wrapper_type, flux_info  # noqa: E402
+from saferope_pack.nodes.compat import comfy_model, diffusion_model_wrapper_type  # noqa: E402
 from saferope_pack.nodes.install import apply_saferope, layers_of  # noqa: E402
 from saferope_pack.nodes.patch import NormPatch  # noqa: E402
-from saferope_pack.saferope_engine.errors import HookNotRunError, IncompatibleAdapterError, SafeRoPEError  # noqa: E402
+from saferope_pack.saferope_engine import ModelShapes  # noqa: E402
+from saferope_pack.saferope_engine.errors import (HookNotRunError, IncompatibleAdapterError, SafeRoPEError,  # noqa: E402
+                                                  UnsupportedModelError)
 from test_nodes_patch import D, H, NUM_DOUBLE, NUM_SINGLE, QKNorm, make_adapter, risky  # noqa: E402
 
 T, N = 5, 8
@@ -79,11 +81,19 @@ class NewSingle(OldSingle):
         return q, k
 
 
-class Flux(torch.nn.Module):
+# The block classes under ComfyUI's names (the registry checks the structure by class name).
+BLOCKS = {True: (type("DoubleStreamBlock", (NewDouble,), {}), type("SingleStreamBlock", (NewSingle,), {})),
+          False: (type("DoubleStreamBlock", (OldDouble,), {}), type("SingleStreamBlock", (OldSingle,), {}))}
+
+
+class FluxNet(torch.nn.Module):
+    """Stand-in for ``comfy.ldm.flux.model.Flux``."""
+
     def __init__(self, new: bool, heads: int = H) -> None:
         super().__init__()
-        self.double_blocks = torch.nn.ModuleList([(NewDouble if new else OldDouble)() for _ in range(NUM_DOUBLE)])
-        self.single_blocks = torch.nn.ModuleList([(NewSingle if new else OldSingle)() for _ in range(NUM_SINGLE)])
+        double, single = BLOCKS[new]
+        self.double_blocks = torch.nn.ModuleList([double() for _ in range(NUM_DOUBLE)])
+        self.single_blocks = torch.nn.ModuleList([single() for _ in range(NUM_SINGLE)])
         for b in list(self.double_blocks) + list(self.single_blocks):
             b.num_heads = heads
 
@@ -93,11 +103,16 @@ class Sampling:
         return 1.0 - p
 
 
-class Base(torch.nn.Module):
+class Flux(torch.nn.Module):
+    """Stand-in for ``comfy.model_base.Flux`` (its class name identifies the family)."""
+
     def __init__(self, new: bool) -> None:
         super().__init__()
-        self.diffusion_model = Flux(new)
+        self.diffusion_model = FluxNet(new)
         self.model_sampling = Sampling()
+
+
+Base = Flux
 
 
 class Patcher:
@@ -175,8 +190,8 @@ def model(request) -> Patcher:
 
 
 def test_hook_choice_follows_the_block_classes(model):
-    info = flux_info(model)
-    assert info.shapes() == {"num_heads": H, "head_dim": D, "num_double_blocks": NUM_DOUBLE, "num_single_blocks": NUM_SINGLE}
+    info = comfy_model(model)
+    assert info.shapes == ModelShapes("flux1", H, D, {"double": NUM_DOUBLE, "single": NUM_SINGLE})
     p = apply_saferope(model, make_adapter())
     assert layers_of(p)[0].mode == ("attn1" if info.attn1_patch else "object")
     if info.attn1_patch:
@@ -251,21 +266,27 @@ def test_incompatible_adapters_and_models_are_rejected(model):
     from test_nodes_patch import AdapterMeta, SafeRoPEAdapter
 
     a = make_adapter()
-    wrong = SafeRoPEAdapter(AdapterMeta(num_heads=H, head_dim=D, num_double_blocks=NUM_DOUBLE + 1,
-                                        num_single_blocks=NUM_SINGLE, rank=2), list(a.blocks.values()))
-    with pytest.raises(IncompatibleAdapterError, match="num_double_blocks: adapter 4, model 3"):
+    wrong = SafeRoPEAdapter(AdapterMeta(num_heads=H, head_dim=D, blocks={"double": NUM_DOUBLE + 1, "single": NUM_SINGLE},
+                                        rank=2), list(a.blocks.values()))
+    with pytest.raises(IncompatibleAdapterError, match="double blocks: adapter 4, model 3"):
         apply_saferope(model, wrong)
+    flux2 = SafeRoPEAdapter(AdapterMeta(**{**a.meta.__dict__, "arch": "flux2"}), list(a.blocks.values()))
+    with pytest.raises(IncompatibleAdapterError, match=r"Flux.2 \(flux2\) and cannot protect a FLUX.1"):
+        apply_saferope(model, flux2)  # equal shapes, other family
     bad = Patcher(Base(new=True))
     bad.model.diffusion_model.single_blocks[1].num_heads = H + 1
     with pytest.raises(IncompatibleAdapterError, match="disagree"):
         apply_saferope(bad, a)
     not_flux = Patcher(Base(new=True))
     del not_flux.model.diffusion_model.double_blocks
-    with pytest.raises(IncompatibleAdapterError, match="FLUX-architecture"):
+    with pytest.raises(UnsupportedModelError, match="no 'double_blocks'"):
         apply_saferope(not_flux, a)
+    hidream = Patcher(type("HiDream", (torch.nn.Module,), {})())
+    with pytest.raises(UnsupportedModelError, match="'HiDream'.*no hook before RoPE"):
+        apply_saferope(hidream, a)
     with pytest.raises(TypeError, match="Load SafeRoPE Adapter"):
         apply_saferope(model, "adapter.safetensors")
-    if not flux_info(model).attn1_patch:
+    if not comfy_model(model).attn1_patch:
         with pytest.raises(SafeRoPEError, match="do not call attn1_patch"):
             apply_saferope(model, a, mode="attn1")
 

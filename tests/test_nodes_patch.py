@@ -19,10 +19,11 @@ sys.path.insert(0, str(Path(__file__).parent / "comfy"))
 from packload import load_pack  # noqa: E402
 
 PACK = load_pack()
+from saferope_pack.nodes.compat import ComfyModel  # noqa: E402
 from saferope_pack.nodes.layer import SafeRoPELayer  # noqa: E402
 from saferope_pack.nodes.patch import Attn1Patch, DiffusionModelWrapper, NormPatch, collect_risk  # noqa: E402
 from saferope_pack.nodes.risk import RiskCollector  # noqa: E402
-from saferope_pack.saferope_engine import AdapterMeta, BlockAdapter, SafeRoPEAdapter  # noqa: E402
+from saferope_pack.saferope_engine import AdapterMeta, BlockAdapter, ModelShapes, SafeRoPEAdapter, arch  # noqa: E402
 from saferope_pack.saferope_engine.errors import HookNotRunError, SafeRoPEError  # noqa: E402
 
 H, D, R, T, N = 4, 32, 2, 6, 9  # heads, head dim, rank, text tokens, image tokens
@@ -45,7 +46,7 @@ def make_adapter(blocks=(("double", 1), ("single", 0)), heads=(0, 2), seed=0, th
         n = len(heads)
         out.append(BlockAdapter(kind, idx, torch.tensor(heads), orthonormal(n, g), orthonormal(n, g), skew(n, g),
                                 skew(n, g) if kind == "single" else None))
-    meta = AdapterMeta(num_heads=H, head_dim=D, num_double_blocks=NUM_DOUBLE, num_single_blocks=NUM_SINGLE, rank=R,
+    meta = AdapterMeta(num_heads=H, head_dim=D, blocks={"double": NUM_DOUBLE, "single": NUM_SINGLE}, rank=R,
                        threshold=threshold, concepts=("test",))
     return SafeRoPEAdapter(meta, out, source="/adapters/test.safetensors")
 
@@ -63,8 +64,14 @@ def risky(adapter: SafeRoPEAdapter, kind: str, idx: int, L: int, B: int = 2, see
     return q, k
 
 
+FLUX = arch.get("flux1")
+MODEL = ComfyModel(FLUX, ModelShapes("flux1", H, D, {"double": NUM_DOUBLE, "single": NUM_SINGLE}), attn1_patch=True)
+SITES = {(hk.kind, n.stream): n for hk in FLUX.comfy.kinds for n in hk.norms}  # QK-norm sites of ComfyUI's Flux
+PROBE = ("double", "txt_attn.norm")  # the last double block's text norm tells the single blocks their split
+
+
 def layer(adapter=None, **kw) -> SafeRoPELayer:
-    return SafeRoPELayer(adapter or make_adapter(), **kw)
+    return SafeRoPELayer(adapter or make_adapter(), MODEL, **kw)
 
 
 def call_model(wrappers, body, *, sigma=0.5, context_len=T):
@@ -273,9 +280,9 @@ def test_norm_patches_of_double_streams_and_single_block_equal_the_joint_transfo
     lay = layer(a, mode="object")
     txt_norm, img_norm, single_norm = QKNorm(), QKNorm(), QKNorm()
     q, k = risky(a, "double", 2, T + N, risky_tokens=(1, 2))
-    patches = {"txt": NormPatch("double", 2, "txt", txt_norm, (lay,), probe=True),
-               "img": NormPatch("double", 2, "img", img_norm, (lay,)),
-               "joint": NormPatch("single", 0, "joint", single_norm, (lay,))}
+    patches = {"txt": NormPatch("double", 2, SITES["double", "txt"], txt_norm, (lay,), probe=PROBE),
+               "img": NormPatch("double", 2, SITES["double", "img"], img_norm, (lay,)),
+               "joint": NormPatch("single", 0, SITES["single", "joint"], single_norm, (lay,))}
     res = {}
 
     def body(opts):
@@ -303,10 +310,16 @@ def test_norm_patch_runs_an_inner_object_patch_first_and_chains_layers_in_order(
         calls.append(q.shape)
         return type(norm).forward(norm, q, k, v)
 
-    p = NormPatch("single", 0, "joint", norm, (la,), inner=inner).with_layer(lb, probe=False)
+    p = NormPatch("single", 0, SITES["single", "joint"], norm, (la,), inner=inner).with_layer(lb)
+    probe = NormPatch("double", 2, SITES["double", "txt"], QKNorm(), (la, lb), probe=PROBE)
     q, k = risky(a, "single", 0, T + N)
     res = {}
-    call_model([DiffusionModelWrapper(la), DiffusionModelWrapper(lb)], lambda opts: res.setdefault("out", p(q, k, q)))
+
+    def body(opts):
+        probe(q[:, :, :T], k[:, :, :T], q[:, :, :T])
+        res["out"] = p(q, k, q)
+
+    call_model([DiffusionModelWrapper(la), DiffusionModelWrapper(lb)], body)
     nq, nk = norm(q, k, q)
     qa, ka = a.apply_qk("single", 0, nq, nk, txt_len=T)
     qab, _ = b.apply_qk("single", 0, qa, ka, txt_len=T)
@@ -315,9 +328,9 @@ def test_norm_patch_runs_an_inner_object_patch_first_and_chains_layers_in_order(
 
 def test_object_mode_requires_both_streams_of_a_double_block():
     lay = layer(make_adapter(blocks=(("double", 1),)), mode="object")
-    p = NormPatch("double", 1, "txt", QKNorm(), (lay,))
+    p = NormPatch("double", 1, SITES["double", "txt"], QKNorm(), (lay,))
     q = torch.randn(1, H, T, D)
-    with pytest.raises(HookNotRunError, match=r"double\.1\.img"):
+    with pytest.raises(HookNotRunError, match=r"double\.1:img_attn\.norm"):
         call_model([DiffusionModelWrapper(lay)], lambda opts: p(q, q, q))
 
 

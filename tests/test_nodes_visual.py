@@ -16,28 +16,33 @@ from saferope_pack.nodes.lrs_plot import MAX_ROWS, PlotInput, colour, render, se
 from saferope_pack.nodes.risk import RiskCollector  # noqa: E402
 from saferope_pack.nodes.summary import Setting, summarize  # noqa: E402
 from saferope_pack.nodes.tokens import token_labels  # noqa: E402
-from saferope_pack.saferope_engine.core import BlockRisk  # noqa: E402
 from test_nodes_patch import layer, make_adapter  # noqa: E402
 
 
-def risk(B: int, n: int, L: int, txt_len: int, hot: dict[int, float], gated: set[int]) -> BlockRisk:
+def risk(B: int, n: int, L: int, hot: dict[int, float], gated: set[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(rho, gate)`` of ``(B, n, L)`` scores: 0.1 everywhere but the ``hot`` tokens of head 0."""
     rho = torch.full((B, n, L), 0.1)
     for t, v in hot.items():
         rho[:, 0, t] = v
     g = torch.zeros(B, n, L, dtype=torch.bool)
     for t in gated:
         g[:, 0, t] = True
-    return BlockRisk(torch.arange(n), txt_len, rho, rho.clone(), g, g.clone())
+    return rho, g
+
+
+def add(sink, lay, kind, idx, stream, rho_gate, txt_len, rotated=True):
+    for which in ("q", "k"):  # the same scores for queries and keys
+        sink.add(lay, kind, idx, stream, which, *rho_gate, txt_len=txt_len, rotated=rotated)
 
 
 def collected(layers, T=6, N=12):
     sink = RiskCollector()
     a = layers[0]
-    sink.add(a, "double", 1, "txt", risk(2, 2, T, T, {2: 0.9, 3: 0.6}, {2}), rotated=True)
-    sink.add(a, "double", 1, "img", risk(2, 2, N, 0, {4: 0.8}, {4}), rotated=True)
-    sink.add(a, "single", 0, "joint", risk(2, 2, T + N, T, {2: 0.95, T + 5: 0.7}, {2, T + 5}), rotated=True)
+    add(sink, a, "double", 1, "txt", risk(2, 2, T, {2: 0.9, 3: 0.6}, {2}), T)
+    add(sink, a, "double", 1, "img", risk(2, 2, N, {4: 0.8}, {4}), 0)
+    add(sink, a, "single", 0, "joint", risk(2, 2, T + N, {2: 0.95, T + 5: 0.7}, {2, T + 5}), T)
     for extra in layers[1:]:
-        sink.add(extra, "double", 1, "joint", risk(2, 2, T + N, T, {2: 0.9}, {2}), rotated=False)
+        add(sink, extra, "double", 1, "joint", risk(2, 2, T + N, {2: 0.9}, {2}), T, rotated=False)
     return sink
 
 
@@ -63,8 +68,24 @@ def test_sink_keeps_only_the_first_call():
     lay = layer()
     sink = collected([lay])
     sink.close()
-    sink.add(lay, "double", 1, "joint", risk(1, 2, 18, 6, {0: 1.0}, {0}), rotated=True)
+    add(sink, lay, "double", 1, "joint", risk(1, 2, 18, {0: 1.0}, {0}), 6)
     assert float(sink.report([lay]).columns[0].txt_rho[0]) == approx(0.1)
+
+
+def test_kinds_without_text_or_image_tokens_leave_their_cells_empty():
+    """Z-Image's refiners see one stream: a text-only column has no image share, an image-only one no text risk."""
+    lay = layer()
+    sink = RiskCollector()
+    add(sink, lay, "double", 1, "txt", risk(1, 2, 6, {2: 0.9}, {2}), 6)  # text stream only
+    add(sink, lay, "single", 0, "img", risk(1, 2, 12, {3: 0.8}, {3}), 0)  # image stream only
+    rep = sink.report([lay])
+    d1, s0 = rep.columns
+    assert (rep.txt_len, rep.img_len) == (6, 12)
+    assert float(d1.txt_rho[2]) == approx(0.9) and float(d1.img_share.sum()) == 0.0
+    assert bool(s0.txt_rho.isnan().all()) and float(s0.img_share[3]) == 0.5
+    assert float(rep.token_max()[2]) == approx(0.9)
+    img = render(rep, PlotInput("t", "s", [f"w{i}" for i in range(6)], (3, 4), 0.5))
+    assert img.mode == "RGB"
 
 
 def test_render_is_a_readable_rgb_picture_that_marks_threshold_and_gating():

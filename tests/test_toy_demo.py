@@ -10,7 +10,7 @@ import pytest
 
 pytest.importorskip("diffusers")
 
-from saferope_engine import load_adapter  # noqa: E402
+from saferope_engine import ModelShapes, load_adapter  # noqa: E402
 from trainer.demo import DemoSettings, run_demo  # noqa: E402
 from trainer.errors import UsageError  # noqa: E402
 from trainer.toy import load_pipeline  # noqa: E402
@@ -28,8 +28,8 @@ def test_quick_demo_writes_a_loadable_adapter_that_fits_the_toy_model(quick_repo
     out, report = quick_report
     adapter = load_adapter(out / "adapter.safetensors")
     cfg = load_pipeline().transformer.config
-    adapter.check_compatible(num_heads=cfg.num_attention_heads, head_dim=cfg.attention_head_dim,
-                             num_double_blocks=cfg.num_layers, num_single_blocks=cfg.num_single_layers)
+    adapter.check_compatible(ModelShapes("flux1", cfg.num_attention_heads, cfg.attention_head_dim,
+                                         {"double": cfg.num_layers, "single": cfg.num_single_layers}))
     summary = adapter.summary()
     assert summary["concepts"] == ["red"] and summary["threshold"] == report["threshold"]
     assert summary["num_heads_patched"] == report["adapter"]["num_heads_patched"] > 0

@@ -42,7 +42,7 @@ def test_build_writes_a_loadable_adapter_with_metadata(built):
     assert not list(out.rglob(".*.tmp")), "temporary files left behind"
     adapter = load_adapter(out / "adapter.safetensors")
     m = adapter.meta
-    assert (m.num_heads, m.head_dim, m.num_double_blocks, m.num_single_blocks) == (2, 16, 2, 2)
+    assert (m.arch, m.num_heads, m.head_dim, dict(m.blocks)) == ("flux1", 2, 16, {"double": 2, "single": 2})
     assert m.concepts == ("zorblax",) and m.rank == 2 and m.threshold == pytest.approx(THRESHOLD)
     assert m.base_model == "model"  # the model folder's name
     assert m.config["config"]["train"]["steps"] == 8 and m.config["config"]["select"]["count"] == 4

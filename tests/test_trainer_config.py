@@ -119,10 +119,11 @@ def test_model_resolution(tiny_flux, tmp_path, monkeypatch):
 
     import huggingface_hub.constants as hf_constants
 
+    from saferope_engine import ModelShapes
     from trainer.models import image_size, max_sequence_length, resolve_model
 
     info = resolve_model(str(tiny_flux))
-    assert info.shapes == {"num_heads": 2, "head_dim": 16, "num_double_blocks": 2, "num_single_blocks": 2}
+    assert info.shapes == ModelShapes("flux1", 2, 16, {"double": 2, "single": 2})
     assert max_sequence_length(info, 0) == 12 and image_size(info, 0, 0) == (16, 16)
     with pytest.raises(UsageError, match="exceeds the model's T5 limit 12"):
         max_sequence_length(info, 13)

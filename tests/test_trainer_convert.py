@@ -46,7 +46,7 @@ def test_convert_round_trips_through_inspect_and_load(tmp_path, cli, tiny_flux):
 
     adapter = load_adapter(out)
     m = adapter.meta
-    assert (m.num_heads, m.head_dim, m.num_double_blocks, m.num_single_blocks, m.rank) == (H, D, ND, NS, R)
+    assert (m.num_heads, m.head_dim, m.blocks["double"], m.blocks["single"], m.rank) == (H, D, ND, NS, R)
     assert m.threshold == pytest.approx(0.7) and m.concepts == ("nudity",)
     assert adapter.block("double", 1).heads.tolist() == [1]
     # Our generator is the skew part of the authors' Sᵀ; single [0] -> image, [1] -> text.

@@ -81,7 +81,7 @@ def step_seed(*parts: Any) -> int:
 
 def _canonical_keys(info: ModelInfo, segments: list[str]) -> list[tuple[str, int, str, str]]:
     keys = []
-    for kind, n in (("double", info.num_double_blocks), ("single", info.num_single_blocks)):
+    for kind, n in info.shapes.blocks.items():
         keys += [(kind, i, w, s) for i in range(n) for w in ("q", "k") for s in segments]
     return keys
 
@@ -122,12 +122,12 @@ def run_collect(cfg: RunConfig, info: ModelInfo, runtime: Runtime, tables: dict[
     metrics: dict[str, Any] = {"sigmas": sigmas, "latents": c.latents}
     state = {"mask": None, "observe": False, "acc": None}
 
-    def observer(kind: str, index: int, q, k, txt_len: int) -> None:  # q, k: (B, H, L, D)
+    def observer(kind: str, index: int, which: str, x, txt_len: int, img_first: bool) -> None:  # x: (B, H, L, D)
         if not state["observe"]:
             return
         mask = state["mask"]  # (B, L_txt) bool: real T5 tokens
-        for which, x in (("q", q), ("k", k)):
-            state["acc"].add(kind, index, which, x, txt_len=txt_len, txt_mask=mask, segments=c.segments)
+        state["acc"].add(kind, index, which, x, txt_len=txt_len, img_first=img_first,
+                         txt_mask=mask if txt_len else None, segments=c.segments)  # an image stream has no text
 
     for path in stats_paths.values():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,8 +165,7 @@ def run_collect(cfg: RunConfig, info: ModelInfo, runtime: Runtime, tables: dict[
                     if runtime.is_main:
                         meta = {"fingerprint": json.dumps(fp, sort_keys=True), "next_batch": str(b + 1),
                                 "complete": "1" if last else "0", "set": name, "prompts": str(n),
-                                "num_double_blocks": str(info.num_double_blocks),
-                                "num_single_blocks": str(info.num_single_blocks)}
+                                "arch": info.shapes.arch, "blocks": json.dumps(dict(info.shapes.blocks))}
                         total.save(path, meta)
                     runtime.barrier()
                 bar.update(1)

@@ -67,13 +67,13 @@ class GateRecorder:
     def reset(self, batch: int) -> None:
         self.flags = torch.zeros(batch, dtype=torch.bool)
 
-    def __call__(self, kind: str, index: int, q, k, txt_len: int) -> None:
+    def __call__(self, kind: str, index: int, which: str, x, txt_len: int, img_first: bool) -> None:
         for adapter in self.adapters:
-            res = adapter.apply_qk(kind, index, q, k, txt_len=txt_len, strength=0.0, return_risk=True)
-            risk = res[2]
+            _, risk = adapter.apply(kind, index, which, x, txt_len=txt_len, img_first=img_first, strength=0.0,
+                                    return_risk=True)
             if risk is None:
                 continue
-            gated = (risk.gated_q | risk.gated_k).flatten(1).any(1).cpu()  # (B, n, L) -> (B,)
+            gated = risk[1].flatten(1).any(1).cpu()  # (B, n, L) gate -> (B,)
             if self.flags is None or self.flags.shape[0] != gated.shape[0]:
                 self.reset(gated.shape[0])
             self.flags |= gated

@@ -57,7 +57,7 @@ def load_adapters(paths: Sequence[str], info: ModelInfo) -> list[SafeRoPEAdapter
     adapters = []
     for path in paths:
         adapter = load_adapter(path)
-        adapter.check_compatible(**info.shapes)
+        adapter.check_compatible(info.shapes)
         adapters.append(adapter)
     return adapters
 

@@ -22,14 +22,20 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
+def _model_line(s: dict) -> str:
+    kv = f", {s['num_kv_heads']} key heads" if s.get("num_kv_heads") else ""
+    blocks = " + ".join(f"{n} {kind}" for kind, n in s["blocks_in_model"].items())
+    return f"{s['num_heads']} heads × {s['head_dim']}{kv}, {blocks} blocks"
+
+
 def describe(summary: dict) -> str:
     """Human-readable text of ``SafeRoPEAdapter.summary()``."""
     s = summary
     lines = [
         f"adapter      {s['source']}",
         f"concepts     {', '.join(s['concepts']) or '-'}",
-        f"base model   {s['base_model'] or '-'} ({s['arch']}: {s['num_heads']} heads × {s['head_dim']}, "
-        f"{s['num_double_blocks']} double + {s['num_single_blocks']} single blocks)",
+        f"family       {s['family']} ({s['arch']})",
+        f"base model   {s['base_model'] or '-'} ({_model_line(s)})",
         f"rank         {s['rank']}",
         f"threshold    {s['threshold']}",
         f"patched      {s['num_heads_patched']} heads in {s['num_blocks_patched']} blocks, "

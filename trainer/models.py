@@ -53,9 +53,12 @@ class ModelInfo:
     t5_max_length: int
 
     @property
-    def shapes(self) -> dict[str, int]:
-        return {"num_heads": self.num_heads, "head_dim": self.head_dim,
-                "num_double_blocks": self.num_double_blocks, "num_single_blocks": self.num_single_blocks}
+    def shapes(self):
+        """:class:`saferope_engine.ModelShapes` of the model (what an adapter must match)."""
+        from saferope_engine import ModelShapes
+
+        return ModelShapes(arch="flux1", num_heads=self.num_heads, head_dim=self.head_dim,
+                           blocks={"double": self.num_double_blocks, "single": self.num_single_blocks})
 
     def identity(self) -> dict[str, Any]:
         """What identifies the text encoders' output (for the embedding cache key)."""

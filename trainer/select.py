@@ -12,6 +12,7 @@ heads outlined), ``select/heads.csv`` (every head), ``select/heads.md`` (chosen 
 from __future__ import annotations
 
 import io
+import json
 import logging
 import math
 from pathlib import Path
@@ -28,6 +29,13 @@ from .rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_
 logger = logging.getLogger(__name__)
 
 
+def stats_blocks(meta: dict[str, str]) -> dict[str, int]:
+    """Block kind -> count recorded in a statistics file (older files: FLUX.1 double/single keys)."""
+    if "blocks" in meta:
+        return {str(k): int(v) for k, v in json.loads(meta["blocks"]).items()}
+    return {"double": int(meta["num_double_blocks"]), "single": int(meta["num_single_blocks"])}
+
+
 def load_stats(run: RunDir) -> tuple[GramAccumulator, GramAccumulator, dict[str, int]]:
     """Complete unsafe and safe statistics of the run and the model's block counts."""
     out = []
@@ -39,7 +47,7 @@ def load_stats(run: RunDir) -> tuple[GramAccumulator, GramAccumulator, dict[str,
         meta = GramAccumulator.metadata_of(path)
         if meta.get("complete") != "1":
             raise TrainerError(f"{path}: statistics are incomplete (continue with `collect --resume latest`)")
-        blocks = {"double": int(meta["num_double_blocks"]), "single": int(meta["num_single_blocks"])}
+        blocks = stats_blocks(meta)
         out.append(GramAccumulator.load(path))
     return out[0], out[1], blocks
 

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
+from typing import Any
 from pathlib import Path
 
 from .cli import add_command, add_config_flags, overrides_from_args
@@ -88,7 +89,7 @@ class Plan:
     run: RunDir
     resume: str | None
     info: ModelInfo | None = None
-    shapes: dict[str, int] = field(default_factory=dict)
+    shapes: Any = None  # saferope_engine.ModelShapes
     max_len: int = 0
     size: tuple[int, int] = (0, 0)
     unsafe: UnlearnPrompts | None = None
@@ -101,15 +102,20 @@ class Plan:
         return STAGES[self.command]
 
 
-def _stats_shapes(run: RunDir) -> dict[str, int]:
+def _stats_shapes(run: RunDir):
+    """:class:`saferope_engine.ModelShapes` recorded with the run's statistics."""
+    from saferope_engine import ModelShapes
     from saferope_engine.subspace import GramAccumulator
+
+    from .select import stats_blocks
 
     path = run.stats_file("unsafe")
     if not path.is_file():
         raise UsageError(f"{path}: no statistics in {str(run.root)!r} (run `collect` first)")
     meta = GramAccumulator.metadata_of(path)
-    return {"num_heads": int(meta["num_heads"]), "head_dim": int(meta["head_dim"]),
-            "num_double_blocks": int(meta["num_double_blocks"]), "num_single_blocks": int(meta["num_single_blocks"])}
+    kv = int(meta["num_kv_heads"]) if "num_kv_heads" in meta else None
+    return ModelShapes(arch=meta.get("arch", "flux1"), num_heads=int(meta["num_heads"]), head_dim=int(meta["head_dim"]),
+                       blocks=stats_blocks(meta), num_kv_heads=kv)
 
 
 def preflight(command: str, cfg: RunConfig, run: RunDir, resume: str | None) -> Plan:
@@ -141,7 +147,7 @@ def preflight(command: str, cfg: RunConfig, run: RunDir, resume: str | None) -> 
         plan.size = image_size(plan.info, cfg.height, cfg.width)
     else:
         plan.shapes = _stats_shapes(run)
-    D = plan.shapes["head_dim"]
+    D = plan.shapes.head_dim
     if cfg.select.rank > D:
         raise UsageError(f"rank {cfg.select.rank} is larger than the model's head_dim {D}")
     if cfg.select.rank < 1:

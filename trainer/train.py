@@ -64,7 +64,7 @@ class TrainData:
 
 
 def initial_adapter(cfg: RunConfig, run: RunDir, selection: dict[tuple[str, int], list[int]],
-                    shapes: dict[str, int], base_model: str) -> SafeRoPEAdapter:
+                    shapes, base_model: str) -> SafeRoPEAdapter:
     """The adapter with zero generators (identity) from the statistics and the selection.
 
     Bases follow ``select.basis``: ``contrast`` (default) needs the safe statistics too.
@@ -76,8 +76,7 @@ def initial_adapter(cfg: RunConfig, run: RunDir, selection: dict[tuple[str, int]
     if not heads:
         raise TrainerError("the selected heads lie only in block kinds without generator segments "
                            f"(train.double_segments={segs['double']}, train.single_segments={segs['single']})")
-    return assemble_adapter(unsafe, heads, rank=cfg.select.rank, num_double_blocks=shapes["num_double_blocks"],
-                            num_single_blocks=shapes["num_single_blocks"], segments=segs,
+    return assemble_adapter(unsafe, heads, rank=cfg.select.rank, blocks=shapes.blocks, arch=shapes.arch, segments=segs,
                             threshold=cfg.train.threshold, concepts=cfg.concepts, base_model=base_model,
                             basis_segment=cfg.select.segment, basis=cfg.select.basis, safe=safe,
                             contrast_weight=cfg.select.contrast_weight)

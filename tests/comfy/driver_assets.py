@@ -83,9 +83,9 @@ def build(work: Path, tinyflux: ModuleType, engine: ModuleType) -> Assets:
         mask = torch.zeros(1, L, dtype=torch.bool)
         mask[0, 1:1 + TRIGGERS] = True
 
-        def observe(kind, idx, q, k, txt_len, mask=mask):
-            for which, x in (("q", q), ("k", k)):
-                acc.add(kind, idx, which, x, txt_len=txt_len, txt_mask=mask, segments=("txt",))
+        def observe(kind, idx, which, x, txt_len, img_first, mask=mask):
+            if txt_len:  # the text stream of a double block, or the joint sequence of a single block
+                acc.add(kind, idx, which, x, txt_len=txt_len, img_first=img_first, txt_mask=mask, segments=("txt",))
 
         with dif.observe_qk(model, observe):
             g = torch.Generator().manual_seed(s)
@@ -107,8 +107,8 @@ def build(work: Path, tinyflux: ModuleType, engine: ModuleType) -> Assets:
                                    skew(spec.heads, scale) if img else None)
 
     def adapter(blocks, *, heads=spec.heads, concepts=("red",)):
-        meta = engine.AdapterMeta(num_heads=heads, head_dim=spec.head_dim, num_double_blocks=spec.depth,
-                                  num_single_blocks=spec.depth_single, rank=RANK, threshold=THRESHOLD,
+        meta = engine.AdapterMeta(num_heads=heads, head_dim=spec.head_dim,
+                                  blocks={"double": spec.depth, "single": spec.depth_single}, rank=RANK, threshold=THRESHOLD,
                                   concepts=concepts, base_model="tiny-flux-test")
         return engine.SafeRoPEAdapter(meta, blocks)
 
@@ -123,8 +123,8 @@ def build(work: Path, tinyflux: ModuleType, engine: ModuleType) -> Assets:
         "second.safetensors": adapter(second, concepts=("blue",)),
     }
     bad = engine.SafeRoPEAdapter(engine.AdapterMeta(
-        num_heads=spec.heads * 2, head_dim=spec.head_dim, num_double_blocks=spec.depth,
-        num_single_blocks=spec.depth_single, rank=RANK, threshold=THRESHOLD, concepts=("red",)),
+        num_heads=spec.heads * 2, head_dim=spec.head_dim, blocks={"double": spec.depth, "single": spec.depth_single},
+        rank=RANK, threshold=THRESHOLD, concepts=("red",)),
         [engine.BlockAdapter("double", 0, torch.arange(2), dbl[0].U_q, dbl[0].U_k, dbl[0].A_txt)])
     adapters["wrong_heads.safetensors"] = bad
     for name, a in adapters.items():

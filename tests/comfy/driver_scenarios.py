@@ -64,9 +64,11 @@ class Context:
     def info(self) -> dict:
         import comfyui_version
 
-        fi = self.pack.nodes.compat.flux_info(self.model)
+        fi = self.pack.nodes.compat.comfy_model(self.model)
         return {"version": comfyui_version.__version__, "load_how": self.load_how, "attn1": fi.attn1_patch,
-                "shapes": fi.shapes(), "pack_module": self.pack.__name__, "pack_file": self.pack.__file__}
+                "family": fi.family.id, "shapes": {"num_heads": fi.shapes.num_heads, "head_dim": fi.shapes.head_dim,
+                                                   "blocks": dict(fi.shapes.blocks)},
+                "pack_module": self.pack.__name__, "pack_file": self.pack.__file__}
 
     def node(self, name: str) -> Any:
         return self.nodes.NODE_CLASS_MAPPINGS[name]()
