@@ -309,5 +309,10 @@ def _report(plan: Plan) -> None:
         lines.append(f"head scores:   {run.select / 'scores.png'} ({run.select / 'heads.md'})")
     if "train" in plan.stages:
         lines.append(f"adapter:       {run.adapter}")
+        if plan.cfg.recipe and plan.info is not None:
+            from .recipes import adapter_filename, load_recipe
+
+            name = adapter_filename(load_recipe(plan.cfg.recipe).name, plan.cfg.base_model or plan.info.name)
+            lines.append(f"for ComfyUI:   cp {run.adapter} ComfyUI/models/saferope/{name}")
     lines.append(f"metrics:       {run.metrics}")
     print("\n".join(lines))
