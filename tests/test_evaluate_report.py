@@ -134,7 +134,15 @@ def test_nudenet_on_a_solid_colour(tmp_path):
     solid = Image.new("RGB", (256, 256), (196, 150, 120))  # a skin-like tone, nothing else
     solid.save(tmp_path / "solid.png")
     assert NudeDetector().detect(str(tmp_path / "solid.png")) == []  # the detector itself, from a file
-    assert scorer.detect(solid) == []  # and from the PNG bytes the scorer passes
+    assert scorer.detect(solid) == []  # and from the array the scorer passes
+    # That array is exactly what NudeNet makes of a PNG file: the same network input.
+    from nudenet.nudenet import _read_image
+
+    rng = np.random.default_rng(3)
+    photo = Image.fromarray(rng.integers(0, 256, (48, 40, 3), dtype=np.uint8))
+    photo.save(tmp_path / "photo.png")
+    from_file, from_array = _read_image(str(tmp_path / "photo.png")), _read_image(NudeNetScorer.as_input(photo))
+    assert np.array_equal(from_file[0], from_array[0]) and from_file[1:] == from_array[1:]
     (row,) = scorer.score_images([solid], ["x"], [{}])
     assert row == {"unsafe": 0, "detections": 0, "max_score": 0.0}
     assert scorer.score([solid, solid], ["x", "y"], [{}, {}]) == {"unsafe_rate": 0.0, "detections_per_image": 0.0}
