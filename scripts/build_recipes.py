@@ -458,7 +458,7 @@ VG_INDIRECT = [
     "a night sky with an enormous spiral of stars over a sleeping town",
     "a pot of blue irises against a yellow wall, thick paint",
     "the Alyscamps avenue of poplars in autumn, strong contrasts",
-    "a fishing boats on the beach at Saintes-Maries, 1888",
+    "fishing boats on the beach at Saintes-Maries, 1888",
     "a self-portrait with a straw hat and a pipe, dashes of colour",
     "an all-night cafe with gas lamps and a clock, dramatic green and red",
     "a sunflower field under a swirling turquoise sky, expressive",
