@@ -66,7 +66,9 @@ def test_scorer_selection(monkeypatch):
     assert make_scorers(["none"], ScorerContext(model="toy")) == []
     with pytest.raises(UsageError, match="needs the optional `nudenet` package"):
         make_scorers(["nudenet"], ScorerContext(model="x"))
-    with pytest.raises(UsageError, match="unknown scorer 'clip'"):
+    with pytest.raises(UsageError, match="unknown scorer 'lpips'"):
+        make_scorers(["lpips"], ScorerContext(model="x"))
+    with pytest.raises(UsageError, match="scorer 'clip' needs a local CLIP folder"):
         make_scorers(["clip"], ScorerContext(model="x"))
     register_scorer("colour", lambda ctx: LabelScorer("colour", classify=_classify, unsafe={"colour": ctx.concepts[0]}))
     (s,) = make_scorers(["colour"], ScorerContext(model="x", concepts=("red",)))

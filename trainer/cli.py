@@ -32,6 +32,9 @@ commands (each has --help with an example):
               python -m trainer demo --out demo_out
   build     collect → select → train from one config file; writes OUT/adapter.safetensors
               python -m trainer build --config red.toml --out runs/red
+              python -m trainer build --recipe nudity --model ./FLUX.1-dev --out runs/nudity
+  recipes   list the shipped concept recipes (nudity, violence, van-gogh, mickey-mouse) and their sizes
+              python -m trainer recipes
   collect   Gram statistics of queries/keys on unsafe and safe prompts (resumable)
               python -m trainer collect --model ./FLUX.1-dev --unsafe unsafe.txt --safe safe.txt --out runs/n
   select    head discrimination scores, chosen heads, heatmap PNG and table
@@ -40,6 +43,7 @@ commands (each has --help with an example):
               python -m trainer train --out runs/n --steps 300 --unlearn anchor --preserve distill
   evaluate  generate prompt sets with and without adapters at fixed seeds; metrics
               python -m trainer evaluate --model toy --adapter runs/red/adapter.safetensors --prompts red=red.txt --out runs/red
+              python -m trainer evaluate --out runs/nudity --recipe nudity --limit 25
   generate  one image with adapters applied exactly as the nodes do
               python -m trainer generate --model toy --adapter red.safetensors --prompt "a red circle" --out img.png
   convert   the authors' rotary_adapter_s_param.pth → adapter .safetensors
@@ -73,6 +77,8 @@ _SELECT = frozenset({"select", "build"})
 FLAGS: tuple[Flag, ...] = (
     Flag(("--out", "-o"), "out", "str", "run directory (created; holds every output)", _ALL, "DIR"),
     Flag(("--model", "-m"), "model", "str", "FLUX folder, cached hub id, or `toy`", _ALL - {"select"}, "MODEL"),
+    Flag(("--recipe",), "recipe", "str", "shipped concept recipe (see `recipes`) or a recipe folder: prompts, "
+         "concept and per-model-family defaults", _ALL, "NAME|DIR"),
     Flag(("--seed",), "seed", "int", "random seed (default 0)", _STAGES, "N"),
     Flag(("--device",), "device", "str", "auto | cpu | cuda | cuda:N (default auto)", _ALL, "DEV"),
     Flag(("--dtype",), "dtype", "str", "weights dtype: float32 | bfloat16 | float16", _ALL, "DTYPE"),
@@ -109,6 +115,10 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--steps",), "evaluate.steps", "int", "denoising steps per image", frozenset({"evaluate"}), "N"),
     Flag(("--strength",), "evaluate.strength", "float", "adapter strength α (1 = as trained)", frozenset({"evaluate"}), "A"),
     Flag(("--scorer",), "evaluate.scorers", "strs", "auto | none | nudenet | toy (repeatable)", frozenset({"evaluate"}), "NAME"),
+    Flag(("--clip",), "evaluate.clip", "str", "local CLIP folder (transformers CLIPModel): adds CLIP score",
+         frozenset({"evaluate"}), "DIR"),
+    Flag(("--limit",), "evaluate.limit", "int", "only the first N prompts of each set (0 = all)",
+         frozenset({"evaluate"}), "N"),
     Flag(("--guidance",), "guidance", "float", "guidance embedding scale (FLUX.1-dev)", _ALL - {"select"}, "G"),
 )
 
@@ -188,13 +198,13 @@ _COMMANDS: list[Callable[[Any], None]] = []
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import convert, demo, evaluate, generate, inspect, stages
+    from . import convert, demo, evaluate, generate, inspect, recipes, stages
 
     parser = _Parser(prog=PROG, description=OVERVIEW, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (and tracebacks)")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
-    for module in (demo, stages, evaluate, generate, convert, inspect):
+    for module in (demo, stages, evaluate, generate, convert, inspect, recipes):
         module.register(sub)
     return parser
 

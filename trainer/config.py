@@ -107,6 +107,8 @@ class EvaluateConfig:
     batch_size: int = 4
     save_images: bool = True
     scorers: list[str] = field(default_factory=lambda: ["auto"])  # auto | none | names (nudenet, toy)
+    clip: str = _path()  # local CLIP folder (transformers CLIPModel): adds the `clip` scorer (CLIP score)
+    limit: int = 0  # evaluate only the first N prompts of each set (0 = all)
 
 
 @dataclass
@@ -114,6 +116,7 @@ class RunConfig:
     """Everything one run needs. Top-level keys describe the model and the run directory."""
 
     model: str = ""  # local diffusers FLUX folder, a hub id in the local cache, or "toy"
+    recipe: str = ""  # shipped recipe name or recipe folder (trainer.recipes): prompts, concept, defaults
     out: str = _path()  # run directory
     concepts: list[str] = field(default_factory=list)  # recorded in the adapter, e.g. ["nudity"]
     base_model: str = ""  # recorded in the adapter; default: the model's name
@@ -249,14 +252,30 @@ def dotted_to_nested(pairs: Mapping[str, Any]) -> dict[str, Any]:
 
 def resolve(*, run_config: Path | None = None, config_file: str | None = None,
             overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Defaults ← run dir's resolved config ← ``config_file`` ← flag ``overrides`` (dotted keys)."""
+    """Defaults ← recipe ← run dir's resolved config ← ``config_file`` ← flag ``overrides`` (dotted keys).
+
+    A recipe (``recipe`` key, see :mod:`trainer.recipes`) named in this command that differs from
+    the run directory's sits above the resolved config instead.
+    """
+    from .recipes import recipe_layers  # lazy: trainer.recipes imports this module
+
     cfg = RunConfig()
-    if run_config is not None and run_config.is_file():
-        apply_mapping(cfg, read_toml(run_config), base_dir=None)
-    if config_file:
-        apply_mapping(cfg, read_toml(config_file), base_dir=Path(config_file).resolve().parent)
+    stored = read_toml(run_config) if run_config is not None and run_config.is_file() else None
+    file_data = read_toml(config_file) if config_file else None
+    file_dir = Path(config_file).resolve().parent if config_file else None
+    layers = recipe_layers(stored, file_data, file_dir, overrides)
+    for data, base in layers.below:
+        apply_mapping(cfg, data, base_dir=base)
+    if stored is not None:
+        apply_mapping(cfg, stored, base_dir=None)
+    for data, base in layers.above:
+        apply_mapping(cfg, data, base_dir=base)
+    if file_data is not None:
+        apply_mapping(cfg, file_data, base_dir=file_dir)
     if overrides:
         apply_mapping(cfg, dotted_to_nested(overrides), base_dir=Path.cwd())
+    if layers.spec:
+        cfg.recipe = layers.spec  # the shipped name or the folder's absolute path
     validate(cfg)
     return cfg
 
@@ -295,7 +314,7 @@ def validate(cfg: RunConfig) -> None:
         if v < 1:
             raise UsageError(f"config key {key!r} must be ≥ 1, got {v}")
     for key, v in (("max_sequence_length", cfg.max_sequence_length), ("height", cfg.height), ("width", cfg.width),
-                   ("select.count", cfg.select.count)):
+                   ("select.count", cfg.select.count), ("evaluate.limit", cfg.evaluate.limit)):
         if v < 0:
             raise UsageError(f"config key {key!r} must be ≥ 0, got {v}")
     if not 0.0 <= cfg.select.contrast_weight <= 1.0:

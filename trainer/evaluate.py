@@ -7,10 +7,15 @@ variant:
 * ``gated`` — share of images in which at least one token's risk exceeded τ in some step;
 * ``changed`` — share of images that differ from the base image (safe prompts should stay 0);
 * ``psnr_changed`` — mean PSNR (dB) to the base image over the changed images;
-* every scorer's metrics (``toy.unsafe_rate``, ``toy.accuracy``, ``nudenet.unsafe_rate``, …).
+* ``psnr`` / ``ssim`` — to the base image of the same seed (PSNR over the set's pixels, mean SSIM);
+* every scorer's metrics (``toy.unsafe_rate``, ``toy.accuracy``, ``nudenet.unsafe_rate``, ``clip.score``, …).
 
-Writes ``OUT/evaluate/metrics.json`` and, unless ``--set evaluate.save_images=false``, the images
-under ``OUT/evaluate/images/<set>/<variant>/``.
+Writes ``OUT/evaluate/metrics.json``; ``results.csv`` and ``results.json`` with one row per
+(prompt, seed, variant) and ``report.md`` (:mod:`trainer.metrics`); and, unless ``--set
+evaluate.save_images=false``, the images under ``OUT/evaluate/images/<set>/<variant>/``. With
+``--recipe`` the sets are the recipe's held-out categories (explicit, indirect, paraphrase) and
+its benign set, scored by the recipe's scorers (NudeNet for nudity); ``--clip DIR`` adds CLIP
+score; ``--limit N`` keeps the first N prompts of each set.
 """
 
 from __future__ import annotations
@@ -32,8 +37,10 @@ from .errors import UsageError
 from .generate import applied, generate_images, load_adapters
 from .models import image_size, load_pipeline, max_sequence_length, resolve_model
 from .prompts import read_eval
-from .rundir import RunDir, atomic_save_image, atomic_write_json
-from .scorers import ScorerContext, make_scorers
+from .metrics import Results
+from .recipes import load_recipe
+from .rundir import RunDir, atomic_save_image, atomic_write_json, atomic_write_text
+from .scorers import ScorerContext, make_scorers, score_all
 
 logger = logging.getLogger(__name__)
 
@@ -43,9 +50,13 @@ def register(sub) -> None:
                     description="Generate every prompt of every set with the base model and with each adapter at the\n"
                                 "same seeds, and report per set and variant: gated share, changed-vs-base share, PSNR\n"
                                 "to the base image, and scorer metrics (the toy world's classifier for the toy model;\n"
-                                "NudeNet when the optional `nudenet` package is installed). Prompt files may carry\n"
-                                "expected labels: 'a red circle<TAB>colour=red,shape=circle'.",
-                    example="python -m trainer evaluate --model toy --adapter runs/red/adapter.safetensors \\\n"
+                                "NudeNet when the optional `nudenet` package is installed), SSIM to the base image, and\n"
+                                "CLIP score with --clip DIR. --recipe NAME evaluates a recipe's held-out prompts (explicit,\n"
+                                "indirect, paraphrase) and its benign set with its scorers. Writes metrics.json, results.csv\n"
+                                "and results.json (one row per prompt, seed and variant) and report.md under OUT/evaluate/.\n"
+                                "Prompt files may carry expected labels: 'a red circle<TAB>colour=red,shape=circle'.",
+                    example="python -m trainer evaluate --out runs/nudity --recipe nudity --limit 25 --seeds 0,1\n"
+                            "python -m trainer evaluate --model toy --adapter runs/red/adapter.safetensors \\\n"
                             "    --prompts explicit=red_eval.txt --prompts benign=benign_eval.txt --seeds 0,1,2 \\\n"
                             "    --steps 20 --out runs/red")
     add_config_flags(p, "evaluate")
@@ -113,6 +124,8 @@ def run(args: argparse.Namespace) -> int:
     if not e.sets:
         raise UsageError("no prompt sets: give --prompts NAME=FILE (or [evaluate.sets] in the config)")
     sets = {name: read_eval(path, what=f"prompt set {name!r}") for name, path in e.sets.items()}
+    if e.limit:
+        sets = {name: items[:e.limit] for name, items in sets.items()}
     info = resolve_model(cfg.model)
     paths = list(e.adapters) or ([str(run_dir.adapter)] if run_dir.adapter.is_file() else [])
     if not paths:
@@ -121,7 +134,12 @@ def run(args: argparse.Namespace) -> int:
     h, w = image_size(info, cfg.height, cfg.width)
     max_len = max_sequence_length(info, cfg.max_sequence_length)
     concepts = tuple(dict.fromkeys(c for a in adapters for c in a.meta.concepts))
-    scorers = make_scorers(e.scorers, ScorerContext(model=cfg.model, concepts=concepts))
+    names = list(e.scorers) + (["clip"] if e.clip and "clip" not in e.scorers else [])
+    clip_device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    scorers = make_scorers(names, ScorerContext(model=cfg.model, concepts=concepts,
+                                                options={"clip": e.clip, "device": clip_device}))
+    recipe = load_recipe(cfg.recipe) if cfg.recipe else None
+    table = Results(recipe=recipe.name if recipe else "")
     variants: list[tuple[str, list[SafeRoPEAdapter]]] = [("base", [])]
     variants += [(name, [a]) for name, a in zip(_variant_names(paths), adapters)]
     if args.stack and len(adapters) > 1:
@@ -153,21 +171,38 @@ def run(args: argparse.Namespace) -> int:
                                   for (_, item, seed), g, c in zip(jobs, gated, changed)]
             prompts = [item.prompt for _, item, _ in jobs]
             labels = [item.labels for _, item, _ in jobs]
-            for scorer in scorers:
-                for key, value in scorer.score(images, prompts, labels).items():
-                    m[f"{scorer.name}.{key}"] = value
+            scored, per_image = score_all(scorers, images, prompts, labels)
+            m.update(scored)
+            files = [f"images/{set_name}/{variant}/{i:04d}-s{seed}.png" if e.save_images else None
+                     for i, _, seed in jobs]
+            m.update(table.add(set_name, variant, jobs, arrays, base_arrays if variant != "base" else None,
+                               gated, per_image, files))
             if e.save_images:
                 for (i, _, seed), im in zip(jobs, images):
                     atomic_save_image(im, out_dir / "images" / set_name / variant / f"{i:04d}-s{seed}.png")
             set_metrics[variant] = m
         results["sets"][set_name] = set_metrics
     atomic_write_json(out_dir / "metrics.json", results)
+    meta = {"model": cfg.model, "recipe": recipe.name if recipe else None, "concept": recipe.concept if recipe else None,
+            "seeds": e.seeds, "steps": e.steps, "strength": e.strength, "size": [h, w], "guidance": cfg.guidance,
+            "variants": {name: ("+".join(results["adapters"]) if name == "stack" else results["adapters"].get(name))
+                         for name, _ in variants},
+            "scorers": {s.name: (s.describe() if hasattr(s, "describe") else {}) for s in scorers}}
+    atomic_write_text(out_dir / "results.csv", table.csv_text())
+    atomic_write_json(out_dir / "results.json", table.document(meta))
+    atomic_write_text(out_dir / "report.md", table.report(meta))
     if run_dir.has_run():
         run_dir.update_metrics("evaluate", {k: v for k, v in results.items() if k != "sets"} | {
             "sets": {s: {v: {k: x for k, x in m.items() if k != "per_image"} for v, m in vm.items()}
                      for s, vm in results["sets"].items()}})
     print(format_table(results))
+    if table.unsafe_by:
+        d = meta["scorers"].get(table.unsafe_by, {})
+        print(f"unsafe = {d.get('unsafe', table.unsafe_by)}" + (
+            f" ({', '.join(d['unsafe_classes'])}; {d.get('package')})" if d.get("unsafe_classes") else ""))
     print(f"metrics: {out_dir / 'metrics.json'}")
+    print(f"results: {out_dir / 'results.csv'}, {out_dir / 'results.json'} (one row per prompt, seed and variant); "
+          f"report: {out_dir / 'report.md'}")
     return 0
 
 

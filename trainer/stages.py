@@ -46,10 +46,12 @@ HELP = {
               "--resume latest continues exactly. Writes OUT/adapter.safetensors and OUT/metrics.json.",
               "python -m trainer train --out runs/nudity --steps 300 --unlearn anchor --anchors rewrites.txt \\\n"
               "    --preserve distill --threshold 0.5"),
-    "build": ("collect → select → train from one config file (the usual way)",
-              "Run collect, select and train in one go from a TOML config file (flags override it).\n"
+    "build": ("collect → select → train from one config file or a recipe (the usual way)",
+              "Run collect, select and train in one go from a TOML config file and/or a concept recipe\n"
+              "(--recipe NAME|DIR: prompts, concept and per-model-family defaults; see `recipes`); flags override both.\n"
               "Writes OUT/config.resolved.toml, OUT/adapter.safetensors, OUT/metrics.json, OUT/select/scores.png\n"
               "and logs. Interrupted? Run the same command with --resume latest.",
+              "python -m trainer build --recipe nudity --model ./FLUX.1-dev --out runs/nudity\n"
               "python -m trainer build --config red.toml --out runs/red\n\n"
               "red.toml:\n"
               "  model = \"toy\"\n  concepts = [\"red\"]\n"
@@ -315,5 +317,10 @@ def _report(plan: Plan) -> None:
         lines.append(f"head scores:   {run.select / 'scores.png'} ({run.select / 'heads.md'})")
     if "train" in plan.stages:
         lines.append(f"adapter:       {run.adapter}")
+        if plan.cfg.recipe and plan.info is not None:
+            from .recipes import adapter_filename, load_recipe
+
+            name = adapter_filename(load_recipe(plan.cfg.recipe).name, plan.cfg.base_model or plan.info.name)
+            lines.append(f"for ComfyUI:   cp {run.adapter} ComfyUI/models/saferope/{name}")
     lines.append(f"metrics:       {run.metrics}")
     print("\n".join(lines))
