@@ -48,7 +48,7 @@ def read_lines(path: str | Path, *, what: str) -> list[PromptLine]:
     if not p.is_file():
         raise UsageError(f"{what}: {str(p)!r} is not a regular file")
     try:
-        text = p.read_text(encoding="utf-8-sig")
+        text = p.read_bytes().decode("utf-8-sig")  # no newline translation: a lone \r is reported
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"{what}: cannot read prompt file {str(p)!r} ({e})") from None
     out = []

@@ -106,12 +106,12 @@ def make_runtime(device: str, mixed_precision: str) -> Runtime:
     same GPU and act as the main one); each process gets its own GPU from ``LOCAL_RANK`` instead.
     """
     _, world = launched_processes()
+    if device.startswith("cuda:") and world > 1:
+        raise UsageError(f"--device {device} names one GPU, but this is one of {world} launched processes; "
+                         "use --device auto or cuda (each process takes the GPU of its LOCAL_RANK)")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"device {device!r} requested but CUDA is not available")
     if device.startswith("cuda:"):
-        if world > 1:
-            raise UsageError(f"--device {device} names one GPU, but this is one of {world} launched processes; "
-                             "use --device auto or cuda (each process takes the GPU of its LOCAL_RANK)")
         dev = torch.device(device)
         return Runtime(dev, mixed_precision=mixed_precision)
     try:

@@ -233,7 +233,7 @@ def execute(plan: Plan, report: bool = True) -> None:
     try:
         logger.info("%s: run directory %s (device %s, %d process(es))", plan.command, run.root, runtime.device,
                     runtime.num_processes)
-        for note in plan.notes:
+        for note in plan.notes if runtime.is_main else []:
             logger.warning("%s", note)
         if plan.info is not None:
             from .embeddings import encode_sets
