@@ -33,7 +33,7 @@ from saferope_engine.subspace import GramAccumulator
 
 from .config import RunConfig, diff_fingerprints, fingerprint
 from .embeddings import EmbeddingTable
-from .errors import TrainerError, UsageError
+from .errors import UsageError
 from .flux import FluxCaller
 from .models import ModelInfo
 from .progress import progress_bar

@@ -118,7 +118,7 @@ def _stats_shapes(run: RunDir) -> dict[str, int]:
             meta = stats_metadata(path)
             shapes = {k: int(meta[k]) for k in ("num_heads", "head_dim", "num_double_blocks", "num_single_blocks")}
         except DamagedFileError as e:
-            raise UsageError(f"{e}; `collect --resume latest` recovers from the previous save") from None
+            raise UsageError(f"{e}; `collect --resume latest` falls back to the previous save if there is one") from None
         except (KeyError, ValueError) as e:
             raise UsageError(f"{path}: not a statistics file of this trainer (metadata {e})") from None
     return shapes
