@@ -236,9 +236,11 @@ def test_model_family(tiny_flux, tmp_path):
     from trainer.families import model_family
 
     assert model_family("toy") == "flux1" and model_family(str(tiny_flux)) == "flux1"
+    import shutil
+
+    shutil.copytree(tiny_flux, tmp_path / "qwen")  # a whole folder: only the transformer's class is wrong
     other = tmp_path / "qwen" / "transformer"
-    other.mkdir(parents=True)
-    cfg = json.loads((tiny_flux / "transformer" / "config.json").read_text())
+    cfg = json.loads((other / "config.json").read_text())
     (other / "config.json").write_text(json.dumps({**cfg, "_class_name": "QwenImageTransformer2DModel"}))
     with pytest.raises(UsageError, match="'QwenImageTransformer2DModel' is not a FLUX.1 transformer"):
         model_family(str(tmp_path / "qwen"))

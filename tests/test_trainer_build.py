@@ -163,3 +163,52 @@ def test_select_alone_rewrites_the_selection(built, cli, tmp_path):
     # A training run in this directory already exists: train refuses to start over silently.
     code, _, err = cli("train", "--out", copy)
     assert code == 2 and "--resume latest" in err
+
+
+def _strict_json(text: str):
+    """Parse as RFC 8259 JSON: NaN/Infinity literals are an error."""
+    def no_constants(name: str):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=no_constants)
+
+
+def test_inspect_output_is_strict_json_and_printable():
+    """Lone surrogates, control characters and non-finite numbers, wherever they sit in a summary."""
+    from trainer.inspect import describe, to_json, visible_text
+
+    summary = {"source": "x\udcff.safetensors", "arch": "flux1", "family": "FLUX.1", "base_model": "m\x00",
+               "concepts": ["zorb\ud800lax"], "num_heads": 2, "num_kv_heads": None, "head_dim": 16,
+               "blocks_in_model": {"double": 2, "single": 0}, "rank": 2,
+               "threshold": 0.5, "num_blocks_patched": 1, "num_heads_patched": 1, "num_parameters": 1,
+               "config": {"x": float("nan"), "y": [float("inf"), -float("inf")], "k\udc80": 1},
+               "blocks": [{"block": "double.0", "heads": [0], "segments": ["txt"],
+                           "generator_norms": {"txt": [float("nan")]}}]}
+    data = _strict_json(to_json(summary))
+    assert data["concepts"] == ["zorb\\ud800lax"] and data["base_model"] == "m\\x00"
+    assert data["config"] == {"x": "NaN", "y": ["Infinity", "-Infinity"], "k\\udc80": 1}
+    assert data["blocks"][0]["generator_norms"]["txt"] == ["NaN"]
+    text = describe(visible_text(summary))
+    text.encode("utf-8")  # printable: no lone surrogate left
+    assert "zorb\\ud800lax" in text and "0:nan" in text
+
+
+def test_inspect_survives_a_hostile_adapter_file(built, tmp_path, cli):
+    """A file whose metadata holds a lone surrogate and NaN is refused by the engine's format check in one
+    line naming the file and the key — never a crash or invalid JSON."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    out, _ = built
+    with safe_open(str(out / "adapter.safetensors"), framework="pt") as f:
+        meta, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    meta["concepts"] = '["zorb\\ud800lax"]'
+    meta["saferope.config"] = '{"lr": NaN, "note": "x\\u0000y"}'
+    hostile = tmp_path / "hostile.safetensors"
+    save_file(tensors, str(hostile), metadata=meta)
+    for args in (["inspect", "--json", hostile], ["inspect", hostile]):
+        code, stdout, err = cli(*args)
+        lines = err.strip().splitlines()
+        assert code == 1 and stdout == "", (code, stdout)
+        assert len(lines) == 1 and lines[0].startswith("trainer: error: ") and str(hostile) in lines[0], err
+        assert "metadata 'saferope.config'" in lines[0] and "NaN" in lines[0], err  # the first bad key, named

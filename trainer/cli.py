@@ -217,9 +217,18 @@ def add_command(sub, name: str, *, summary: str, description: str, example: str)
 
 
 def setup_logging(verbose: bool, quiet: bool) -> None:
+    """Console logging (``trainer: …`` on stderr). Of several launched processes only the main one logs
+    progress; the others log warnings and errors, prefixed with their rank (``-v``: everything)."""
+    from .runtime import launched_processes
+
     level = logging.DEBUG if verbose else (logging.WARNING if quiet else logging.INFO)
+    rank = launched_processes()[0]
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("trainer: %(message)s"))
+    if rank != 0:
+        level = logging.DEBUG if verbose else logging.WARNING
+        handler.setFormatter(logging.Formatter(f"trainer[rank {rank}]: %(message)s"))
+    else:
+        handler.setFormatter(logging.Formatter("trainer: %(message)s"))
     root = logging.getLogger()
     for h in list(root.handlers):
         if getattr(h, "_trainer", False):
@@ -266,6 +275,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         _one_line("interrupted (resume with --resume latest)")
         return 130
+    except OSError as e:  # a file that could not be read or written while running: name it
+        logger.debug("traceback", exc_info=True)
+        where = f"{e.filename}: " if e.filename else ""
+        _one_line(f"{where}{e.strerror or e} ({type(e).__name__}; run with -v for the traceback)")
+        return 1
     except Exception as e:  # unexpected: one line, traceback in the log file / with -v
         logger.debug("traceback", exc_info=True)
         _one_line(f"unexpected {type(e).__name__}: {e} (run with -v for the traceback)")
@@ -273,4 +287,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _one_line(message: str) -> None:
-    sys.stderr.write("trainer: error: " + " ".join(message.split()) + "\n")
+    from .runtime import launched_processes
+
+    rank = launched_processes()[0]
+    prefix = f"trainer[rank {rank}]: error: " if rank else "trainer: error: "
+    sys.stderr.write(prefix + " ".join(message.split()) + "\n")

@@ -8,7 +8,12 @@ segment, T5 padding tokens excluded — so memory does not depend on the number 
 Latents: ``trajectory`` starts from noise and takes one Euler step of the base model from each
 listed σ to the next (the states a sampler visits); ``noise`` mixes random ``x₀`` and noise at
 each σ. Progress is saved in each statistics file (atomically, every ``save_every`` batches),
-so ``--resume latest`` continues exactly where a killed run stopped.
+so ``--resume latest`` continues exactly where a killed run stopped. The save before the newest
+is kept as ``<set>.prev.safetensors``: a resume verifies a statistics file completely
+(:func:`verify_stats`) and falls back to the previous save when the newest is damaged
+(:func:`pick_stats`). The statistics do not depend on the number of processes (each batch is
+observed by one process with its own seed; the sums are reduced), so a collection may be
+continued with another count.
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +33,11 @@ from saferope_engine.subspace import GramAccumulator
 
 from .config import RunConfig, diff_fingerprints, fingerprint
 from .embeddings import EmbeddingTable
-from .errors import TrainerError
+from .errors import UsageError
 from .flux import FluxCaller
 from .models import ModelInfo
 from .progress import progress_bar
+from .rundir import DamagedFileError, RunDir, safetensors_header
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -51,26 +58,96 @@ class StatsState:
     fingerprint: dict[str, Any]
 
 
+def stats_metadata(path: Path) -> dict[str, str]:
+    """The metadata of a statistics file, after checking from its header that the file is whole.
+
+    Raises :class:`DamagedFileError` naming the file (truncated, unreadable, no metadata).
+    """
+    meta = safetensors_header(path).get("__metadata__")
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise DamagedFileError(f"{path}: no statistics metadata in the header")
+    return meta
+
+
 def read_state(path: Path) -> StatsState | None:
+    """The progress recorded in a statistics file (``None`` when it does not exist)."""
     if not path.is_file():
         return None
-    meta = GramAccumulator.metadata_of(path)
+    meta = stats_metadata(path)
     try:
-        return StatsState(int(meta["next_batch"]), meta["complete"] == "1", json.loads(meta["fingerprint"]))
+        fp = json.loads(meta["fingerprint"])
+        if not isinstance(fp, dict):
+            raise ValueError("fingerprint is not a JSON object")
+        return StatsState(int(meta["next_batch"]), meta["complete"] == "1", fp)
     except (KeyError, ValueError) as e:
-        raise TrainerError(f"{path}: not a statistics file of this trainer (metadata {e})") from None
+        raise DamagedFileError(f"{path}: not a statistics file of this trainer (metadata {type(e).__name__}: "
+                               f"{e})") from None
 
 
-def check_resumable(cfg: RunConfig, paths: dict[str, Path]) -> None:
-    """Raise unless existing statistics were made with the same collection settings."""
+def verify_stats(path: Path) -> StatsState:
+    """Read a statistics file completely and check it: header, metadata, every Gram finite and
+    ``(H, D, D)``, counts ≥ 0. Raises :class:`DamagedFileError` naming the file."""
+    from saferope_engine.errors import SafeRoPEError
+
+    st = read_state(path)
+    if st is None:
+        raise DamagedFileError(f"{path}: missing")
+    try:
+        acc = GramAccumulator.load(path)
+    except SafeRoPEError as e:
+        raise DamagedFileError(str(e)) from None
+    shape = (acc.num_heads, acc.head_dim, acc.head_dim)
+    for key, g in acc.grams.items():
+        if tuple(g.shape) != shape or not bool(torch.isfinite(g).all()) or acc.counts.get(key, -1) < 0:
+            raise DamagedFileError(f"{path}: Gram {'.'.join(map(str, key))} is malformed (shape {tuple(g.shape)}, "
+                                   f"count {acc.counts.get(key)}) or not finite")
+    return st
+
+
+def pick_stats(cfg: RunConfig, run: RunDir) -> tuple[dict[str, Path | None], list[str]]:
+    """Per prompt set, the statistics file a collection continues from (``None``: start afresh) and notes
+    on damaged files skipped.
+
+    The newest save comes first, then the previous one; a damaged file is skipped (and noted); a
+    file made with other collection settings, or existing files none of which is intact, is a
+    :class:`UsageError` naming the file.
+    """
     fp = fingerprint(cfg, COLLECT_KEYS)
-    for name, path in paths.items():
-        st = read_state(path)
-        if st is not None:
+    sources: dict[str, Path | None] = {}
+    notes: list[str] = []
+    for name in SETS:
+        candidates = [p for p in (run.stats_file(name), run.previous_stats_file(name)) if p.exists()]
+        chosen, damaged = None, []
+        for path in candidates:
+            try:
+                st = verify_stats(path)
+            except DamagedFileError as e:
+                damaged.append(str(e))
+                notes.append(f"skipping damaged statistics {path.name}: {e}")
+                continue
             changed = diff_fingerprints(st.fingerprint, fp)
             if changed:
-                raise TrainerError(f"{path}: statistics were collected with other settings (changed: "
-                                   f"{', '.join(changed)}); use a new --out")
+                raise UsageError(f"{path}: statistics were collected with other settings (changed: "
+                                 f"{', '.join(changed)}); use a new --out")
+            chosen = path
+            break
+        if candidates and chosen is None:
+            raise UsageError(f"no intact {name} statistics to continue from ({'; '.join(damaged)}); "
+                             f"remove {run.stats_file(name).name} and {run.previous_stats_file(name).name} "
+                             "to collect them afresh")
+        if chosen is not None and chosen != run.stats_file(name):
+            notes.append(f"collect {name}: continuing from {chosen.name}, the previous save")
+        sources[name] = chosen
+    return sources, notes
+
+
+def _save_stats(total: GramAccumulator, path: Path, previous: Path, meta: dict[str, str], *, keep_current: bool) -> None:
+    """Write ``path`` atomically; ``keep_current`` first moves the intact save there to ``previous``."""
+    staging = path.with_name(f".{path.stem}.new{path.suffix}")
+    total.save(staging, meta)
+    if keep_current and path.exists():
+        os.replace(path, previous)
+    os.replace(staging, path)
 
 
 def step_seed(*parts: Any) -> int:
@@ -110,8 +187,13 @@ def _reduce_into(total: GramAccumulator, local: GramAccumulator, keys, runtime: 
 
 
 def run_collect(cfg: RunConfig, info: ModelInfo, runtime: Runtime, tables: dict[str, EmbeddingTable],
-                transformer, caller: FluxCaller, stats_paths: dict[str, Path]) -> dict[str, Any]:
-    """Collect (or continue collecting) both prompt sets; returns metrics."""
+                transformer, caller: FluxCaller, run: RunDir,
+                sources: dict[str, Path | None] | None = None) -> dict[str, Any]:
+    """Collect (or continue collecting) both prompt sets into ``run``'s statistics files; returns metrics.
+
+    ``sources`` (from :func:`pick_stats`) names the verified file each set continues from; without
+    it the newest save is used as it is.
+    """
     from saferope_engine.diffusers import observe_qk
 
     c = cfg.collect
@@ -129,25 +211,29 @@ def run_collect(cfg: RunConfig, info: ModelInfo, runtime: Runtime, tables: dict[
         state["acc"].add(kind, index, which, x, txt_len=txt_len, img_first=img_first,
                          txt_mask=mask if txt_len else None, segments=c.segments)  # an image stream has no text
 
-    for path in stats_paths.values():
-        path.parent.mkdir(parents=True, exist_ok=True)
+    run.stats.mkdir(parents=True, exist_ok=True)
     handle = observe_qk(transformer, observer)
     try:
         for name in SETS:
-            path, table = stats_paths[name], tables[name]
+            path, previous, table = run.stats_file(name), run.previous_stats_file(name), tables[name]
+            source = sources.get(name) if sources is not None else (path if path.is_file() else None)
             n = len(table)
             batches = math.ceil(n / c.batch_size)
-            st = read_state(path)
+            st = read_state(source) if source is not None else None
             total = GramAccumulator(info.num_heads, info.head_dim)
             start = 0
+            keep_current = source == path  # the newest save is intact: keep it as the previous one
             if st is not None:
+                total = GramAccumulator.load(source)
                 if st.complete:
-                    logger.info("collect %s: already complete (%s)", name, path)
-                    metrics[name] = _summary(GramAccumulator.load(path), n)
+                    if source != path and runtime.is_main:  # the newest is damaged: restore the complete save
+                        _save_stats(total, path, previous, stats_metadata(source), keep_current=False)
+                    runtime.barrier()
+                    logger.info("collect %s: already complete (%s)", name, source)
+                    metrics[name] = _summary(total, n)
                     continue
-                total = GramAccumulator.load(path)
                 start = st.next_batch
-                logger.info("collect %s: resuming at batch %d/%d", name, start, batches)
+                logger.info("collect %s: resuming at batch %d/%d from %s", name, start, batches, source.name)
             local = GramAccumulator(info.num_heads, info.head_dim, device=runtime.device)
             state["acc"] = local
             bar = progress_bar(total=batches, initial=start, desc=f"collect {name}", enabled=runtime.is_main)
@@ -165,8 +251,10 @@ def run_collect(cfg: RunConfig, info: ModelInfo, runtime: Runtime, tables: dict[
                     if runtime.is_main:
                         meta = {"fingerprint": json.dumps(fp, sort_keys=True), "next_batch": str(b + 1),
                                 "complete": "1" if last else "0", "set": name, "prompts": str(n),
-                                "arch": info.shapes.arch, "blocks": json.dumps(dict(info.shapes.blocks))}
-                        total.save(path, meta)
+                                "arch": info.shapes.arch, "blocks": json.dumps(dict(info.shapes.blocks)),
+                                "num_processes": str(runtime.num_processes)}
+                        _save_stats(total, path, previous, meta, keep_current=keep_current)
+                    keep_current = True
                     runtime.barrier()
                 bar.update(1)
             bar.close()

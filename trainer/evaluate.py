@@ -15,7 +15,10 @@ Writes ``OUT/evaluate/metrics.json``; ``results.csv`` and ``results.json`` with 
 evaluate.save_images=false``, the images under ``OUT/evaluate/images/<set>/<variant>/``. With
 ``--recipe`` the sets are the recipe's held-out categories (explicit, indirect, paraphrase) and
 its benign set, scored by the recipe's scorers (NudeNet for nudity); ``--clip DIR`` adds CLIP
-score; ``--limit N`` keeps the first N prompts of each set.
+score; ``--limit N`` keeps the first N prompts of each set. Under ``accelerate launch`` the
+batches are split across processes (batch ``i`` on process ``i mod N``, so each batch is the one a
+single process would generate); the main process gathers the images, scores them and writes every
+file once.
 """
 
 from __future__ import annotations
@@ -39,7 +42,7 @@ from .models import image_size, load_pipeline, max_sequence_length, resolve_mode
 from .prompts import read_eval
 from .metrics import Results
 from .recipes import load_recipe
-from .rundir import RunDir, atomic_save_image, atomic_write_json, atomic_write_text
+from .rundir import RunDir, atomic_save_image, atomic_write_json, atomic_write_text, check_output_dir
 from .scorers import ScorerContext, make_scorers, score_all
 
 logger = logging.getLogger(__name__)
@@ -121,6 +124,7 @@ def run(args: argparse.Namespace) -> int:
     if not cfg.out:
         raise UsageError("no output directory: give --out DIR")
     run_dir = RunDir(cfg.out)
+    check_output_dir(run_dir.root)
     if not e.sets:
         raise UsageError("no prompt sets: give --prompts NAME=FILE (or [evaluate.sets] in the config)")
     sets = {name: read_eval(path, what=f"prompt set {name!r}") for name, path in e.sets.items()}
@@ -156,7 +160,9 @@ def run(args: argparse.Namespace) -> int:
         base_arrays: list[np.ndarray] = []
         set_metrics: dict[str, Any] = {}
         for variant, stack in variants:
-            images, gated = _run_variant(pipe, jobs, stack, cfg, h, w, max_len)
+            images, gated = _run_variant(pipe, jobs, stack, cfg, h, w, max_len, runtime)
+            if not runtime.is_main:  # the main process has gathered this process's images
+                continue
             arrays = [np.asarray(im) for im in images]
             if variant == "base":
                 base_arrays = arrays
@@ -182,6 +188,8 @@ def run(args: argparse.Namespace) -> int:
                     atomic_save_image(im, out_dir / "images" / set_name / variant / f"{i:04d}-s{seed}.png")
             set_metrics[variant] = m
         results["sets"][set_name] = set_metrics
+    if not runtime.is_main:
+        return 0
     atomic_write_json(out_dir / "metrics.json", results)
     meta = {"model": cfg.model, "recipe": recipe.name if recipe else None, "concept": recipe.concept if recipe else None,
             "seeds": e.seeds, "steps": e.steps, "strength": e.strength, "size": [h, w], "guidance": cfg.guidance,
@@ -206,18 +214,29 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_variant(pipe, jobs, stack, cfg: RunConfig, h: int, w: int, max_len: int) -> tuple[list, list[bool]]:
+def _run_variant(pipe, jobs, stack, cfg: RunConfig, h: int, w: int, max_len: int,
+                 runtime=None) -> tuple[list, list[bool]]:
+    """Images and gate flags of ``jobs`` (in job order) with ``stack`` applied.
+
+    With several processes each generates the batches ``i ≡ rank (mod N)``; the main process gets
+    all of them back (plain uint8 tensors), the others get empty lists.
+    """
     from saferope_engine.diffusers import observe_qk
 
     e = cfg.evaluate
+    rank, procs = (runtime.process_index, runtime.num_processes) if runtime is not None else (0, 1)
+    batches = [list(range(start, min(len(jobs), start + e.batch_size))) for start in range(0, len(jobs), e.batch_size)]
+    mine = [i for b, batch in enumerate(batches) if b % procs == rank for i in batch]
     images: list = []
     gated: list[bool] = []
     with applied(pipe.transformer, stack, [e.strength] * len(stack), None):
         recorder = GateRecorder(stack) if stack else None
         handle = observe_qk(pipe.transformer, recorder) if recorder else None
         try:
-            for start in range(0, len(jobs), e.batch_size):
-                chunk = jobs[start:start + e.batch_size]
+            for b, batch in enumerate(batches):
+                if b % procs != rank:
+                    continue
+                chunk = [jobs[i] for i in batch]
                 if recorder:
                     recorder.reset(len(chunk))
                 images += generate_images(pipe, [item.prompt for _, item, _ in chunk], [s for _, _, s in chunk],
@@ -226,7 +245,33 @@ def _run_variant(pipe, jobs, stack, cfg: RunConfig, h: int, w: int, max_len: int
         finally:
             if handle is not None:
                 handle.remove()
-    return images, gated
+    if procs == 1:
+        return images, gated
+    return _gather_images(runtime, mine, images, gated, len(jobs), (h, w))
+
+
+def _gather_images(runtime, mine: list[int], images: list, gated: list[bool], total: int,
+                   size: tuple[int, int]) -> tuple[list, list[bool]]:
+    """All processes' images and flags on the main process, in job order (others: empty lists)."""
+    from PIL import Image
+
+    h, w = size
+    pixels = (torch.from_numpy(np.stack([np.asarray(im.convert("RGB")) for im in images])) if images
+              else torch.zeros((0, h, w, 3), dtype=torch.uint8))  # (n, H, W, 3)
+    index = runtime.gather_rows(torch.tensor(mine, dtype=torch.int64))
+    flags = runtime.gather_rows(torch.tensor(gated, dtype=torch.uint8))
+    arrays = runtime.gather_rows(pixels)
+    if not runtime.is_main:
+        return [], []
+    out_images: list = [None] * total
+    out_gated = [False] * total
+    for idx, fl, arr in zip(index, flags, arrays):
+        for i, f, a in zip(idx.tolist(), fl.tolist(), arr.numpy()):
+            out_images[i] = Image.fromarray(a)
+            out_gated[i] = bool(f)
+    if any(im is None for im in out_images):
+        raise RuntimeError("internal: an evaluation image was not generated by any process")
+    return out_images, out_gated
 
 
 def format_table(results: dict[str, Any]) -> str:

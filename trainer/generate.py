@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -20,7 +21,7 @@ from saferope_engine import SafeRoPEAdapter, load_adapter
 from .cli import add_command
 from .errors import UsageError
 from .models import ModelInfo, image_size, load_pipeline, max_sequence_length, resolve_model
-from .rundir import atomic_save_image
+from .rundir import atomic_save_image, check_output_dir
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -62,15 +63,20 @@ def load_adapters(paths: Sequence[str], info: ModelInfo) -> list[SafeRoPEAdapter
     return adapters
 
 
+def check_strengths(given: Sequence[float] | None) -> None:
+    """Every ``--strength`` must be a finite number ≥ 0."""
+    if given and any(not (math.isfinite(s) and s >= 0) for s in given):
+        raise UsageError(f"--strength must be a finite number ≥ 0, got {', '.join(map(str, given))}")
+
+
 def strengths_for(adapters: Sequence[SafeRoPEAdapter], given: Sequence[float] | None) -> list[float]:
+    check_strengths(given)
     if not given:
         return [1.0] * len(adapters)
     if len(given) == 1:
         return [given[0]] * len(adapters)
     if len(given) != len(adapters):
         raise UsageError(f"{len(given)} --strength values for {len(adapters)} adapters (give one, or one per adapter)")
-    if any(not s >= 0 for s in given):
-        raise UsageError(f"--strength must be ≥ 0, got {list(given)}")
     return list(given)
 
 
@@ -105,14 +111,24 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.suffix.lower() not in IMAGE_SUFFIXES:
         raise UsageError(f"--out {str(out)!r}: use one of {', '.join(IMAGE_SUFFIXES)}")
+    if out.is_dir():
+        raise UsageError(f"--out {str(out)!r} is a directory; give an image file name")
     if out.exists() and not args.force:
         raise UsageError(f"{str(out)!r} exists; add --force to overwrite it")
+    check_output_dir(out.parent, "--out's folder")
     if not args.prompt.strip():
         raise UsageError("--prompt is empty")
     if args.steps < 1:
         raise UsageError(f"--steps must be ≥ 1, got {args.steps}")
     if args.threshold is not None and not 0.0 <= args.threshold < 1.0:
         raise UsageError(f"--threshold must be in [0, 1), got {args.threshold}")
+    check_strengths(args.strength)
+    if not (math.isfinite(args.guidance) and args.guidance >= 0):
+        raise UsageError(f"--guidance must be a finite number ≥ 0, got {args.guidance}")
+    for flag, v in (("--height", args.height), ("--width", args.width),
+                    ("--max-sequence-length", args.max_sequence_length)):
+        if v < 0:
+            raise UsageError(f"{flag} must be ≥ 0, got {v}")
     info = resolve_model(args.model)
     adapters = load_adapters(args.adapter, info)
     strengths = strengths_for(adapters, args.strength)

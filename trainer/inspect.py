@@ -1,9 +1,18 @@
-"""``inspect``: print an adapter's metadata, blocks, heads, rank and generator norms."""
+"""``inspect``: print an adapter's metadata, blocks, heads, rank and generator norms.
+
+Whatever the file holds, the output is printable and ``--json`` is strict JSON (RFC 8259): a
+non-finite number becomes the string ``"NaN"``, ``"Infinity"`` or ``"-Infinity"``, and a lone
+surrogate (text that is not valid Unicode) or a control character in a text field is written as
+its escape (``\\udc80``, ``\\x00``), visibly, instead of crashing the output.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import re
+from typing import Any
 
 from saferope_engine import load_adapter
 
@@ -20,6 +29,35 @@ def register(sub) -> None:
     p.add_argument("adapter", help="adapter .safetensors file")
     p.add_argument("--json", action="store_true", help="print the full description as JSON")
     p.set_defaults(func=run)
+
+
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
+_NON_FINITE = {math.inf: "Infinity", -math.inf: "-Infinity"}
+
+
+def _escape(match: re.Match) -> str:
+    code = ord(match.group())
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def visible_text(value: Any, *, numbers: bool = False) -> Any:
+    """A copy of ``value`` whose strings (keys too) have lone surrogates and control characters replaced
+    by their escapes; ``numbers``: non-finite floats become strings too."""
+    if isinstance(value, str):
+        return _UNPRINTABLE.sub(_escape, value)
+    if isinstance(value, float) and numbers and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else _NON_FINITE[value]
+    if isinstance(value, dict):
+        return {visible_text(k, numbers=numbers) if isinstance(k, str) else k: visible_text(v, numbers=numbers)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [visible_text(v, numbers=numbers) for v in value]
+    return value
+
+
+def to_json(summary: dict) -> str:
+    """Strict JSON of a summary (``allow_nan=False``: nothing non-finite can slip through)."""
+    return json.dumps(visible_text(summary, numbers=True), indent=2, sort_keys=True, allow_nan=False)
 
 
 def _model_line(s: dict) -> str:
@@ -64,5 +102,5 @@ def describe(summary: dict) -> str:
 def run(args: argparse.Namespace) -> int:
     adapter = load_adapter(args.adapter)
     summary = adapter.summary()
-    print(json.dumps(summary, indent=2, sort_keys=True) if args.json else describe(summary))
+    print(to_json(summary) if args.json else describe(visible_text(summary)))
     return 0

@@ -5,6 +5,11 @@ folder in the diffusers FLUX.1 layout (``transformer/``, ``text_encoder/`` + ``t
 ``text_encoder_2/`` + ``tokenizer_2/`` (T5), ``vae/``, ``scheduler/``); or a Hugging Face hub id
 that is already in the local cache. Nothing is ever downloaded: the hub is queried in
 local-files-only mode and ``HF_HUB_OFFLINE`` is set by the CLI.
+
+:func:`resolve_model` checks, before a run writes anything, every file it can without loading
+weights: the configs, ``model_index.json``, non-empty tokenizer folders, and each weights file's
+safetensors header against the file's size (a truncated download fails here, naming the file).
+Weights are loaded from ``.safetensors`` only (``use_safetensors=True``): nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
+from .rundir import DamagedFileError, safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +37,10 @@ LAYOUT = {
 }
 _CONFIG_FILES = {"transformer": "config.json", "text_encoder": "config.json", "text_encoder_2": "config.json",
                  "vae": "config.json", "scheduler": "scheduler_config.json"}
+
+#: Sub-folders whose weights are checked (safetensors files, or the shards an index names).
+WEIGHT_FOLDERS = ("transformer", "text_encoder", "text_encoder_2", "vae")
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
 
@@ -118,6 +128,13 @@ def resolve_model(spec: str, *, need: tuple[str, ...] = tuple(LAYOUT)) -> ModelI
         cfg_name = _CONFIG_FILES.get(sub)
         if cfg_name and not (path / sub / cfg_name).is_file():
             raise UsageError(f"MODEL {spec!r}: {sub}/{cfg_name} is missing")
+        if sub in WEIGHT_FOLDERS:
+            check_weights(path, sub, spec)
+        elif sub.startswith("tokenizer") and not any(f.is_file() for f in (path / sub).iterdir()):
+            raise UsageError(f"MODEL {spec!r}: {sub}/ is empty ({LAYOUT[sub]})")
+    if not (path / "model_index.json").is_file():
+        raise UsageError(f"MODEL {spec!r}: model_index.json is missing (the FluxPipeline folder's index)")
+    _read_json(path / "model_index.json", spec)
     tcfg = _read_json(path / "transformer" / "config.json", spec)
     try:
         num_heads, head_dim = int(tcfg["num_attention_heads"]), int(tcfg["attention_head_dim"])
@@ -145,6 +162,37 @@ def resolve_model(spec: str, *, need: tuple[str, ...] = tuple(LAYOUT)) -> ModelI
                      num_double_blocks=nd, num_single_blocks=ns, in_channels=inc,
                      guidance_embeds=bool(tcfg.get("guidance_embeds", False)), vae_scale_factor=vae_scale,
                      sample_size=sample, t5_max_length=t5_max)
+
+
+def check_weights(path: Path, sub: str, spec: str) -> list[Path]:
+    """The safetensors files of ``path/sub`` (an index's shards, or every ``*.safetensors``), each checked
+    complete by its header (:func:`trainer.rundir.safetensors_header`); raises naming the file."""
+    folder = path / sub
+    indexes = sorted(folder.glob("*.safetensors.index.json"))
+    if indexes:
+        names: set[str] = set()
+        for index in indexes:
+            weight_map = _read_json(index, spec).get("weight_map")
+            if not isinstance(weight_map, dict) or not weight_map:
+                raise UsageError(f"MODEL {spec!r}: {sub}/{index.name} has no weight_map")
+            names |= {str(v) for v in weight_map.values()}
+        files = [folder / n for n in sorted(names)]
+    else:
+        files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        pickles = sorted(f.name for f in folder.iterdir() if f.suffix in _PICKLE_SUFFIXES)
+        if pickles:
+            raise UsageError(f"MODEL {spec!r}: {sub}/ holds only pickle weights ({', '.join(pickles)}); the trainer "
+                             "loads .safetensors only (convert them first)")
+        raise UsageError(f"MODEL {spec!r}: {sub}/ has no .safetensors weights ({LAYOUT[sub]})")
+    for f in files:
+        if not f.is_file():
+            raise UsageError(f"MODEL {spec!r}: {sub}/{f.name} is missing (named in the weights index)")
+        try:
+            safetensors_header(f)
+        except DamagedFileError as e:
+            raise UsageError(f"MODEL {spec!r}: {e}") from None
+    return files
 
 
 def max_sequence_length(info: ModelInfo, requested: int) -> int:
@@ -200,7 +248,7 @@ def load_transformer(info: ModelInfo, dtype: str, device):
 
     quiet_diffusers()
     model = FluxTransformer2DModel.from_pretrained(str(info.path / "transformer"), torch_dtype=torch_dtype(dtype),
-                                                   local_files_only=True)
+                                                   local_files_only=True, use_safetensors=True)
     model.requires_grad_(False).eval().to(device)
     return model
 
@@ -210,7 +258,7 @@ def load_pipeline(info: ModelInfo, dtype: str, device, *, transformer=None, text
     from diffusers import FluxPipeline
 
     quiet_diffusers()
-    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype(dtype), "local_files_only": True}
+    kwargs: dict[str, Any] = {"torch_dtype": torch_dtype(dtype), "local_files_only": True, "use_safetensors": True}
     if text_only:
         kwargs.update(transformer=None, vae=None)
     elif transformer is not None:

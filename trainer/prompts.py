@@ -8,15 +8,23 @@ tab-separated forms:
 * evaluation files: ``prompt<TAB>key=value,key=value`` gives expected labels for scorers
   (e.g. ``a red circle<TAB>colour=red,shape=circle``).
 
-A missing, unreadable or empty file is a one-line :class:`~trainer.errors.UsageError`.
+Each of these is a one-line :class:`~trainer.errors.UsageError` naming the file (and the line):
+a missing, unreadable or empty file, a folder given as a file, a line holding a control character
+(NUL, a carriage return inside the line, …). Lines end at ``\n`` (``\r\n`` too), so line numbers
+are the ones an editor shows; a UTF-8 byte-order mark is dropped.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import UsageError
+
+#: Characters a prompt may not hold (tab separates columns): C0/C1 controls and Unicode line separators.
+CONTROL_CHARS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f\u2028\u2029]")
+_NAMES = {0: "NUL", 0x0D: "carriage return", 0x0B: "vertical tab", 0x0C: "form feed", 0x1B: "escape"}
 
 
 @dataclass(frozen=True)
@@ -33,14 +41,24 @@ def read_lines(path: str | Path, *, what: str) -> list[PromptLine]:
     if not path:
         raise UsageError(f"{what}: no prompt file given")
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise UsageError(f"{what}: {str(p)!r} is a directory, not a prompt file")
+    if not p.exists():
         raise UsageError(f"{what}: prompt file {str(p)!r} not found")
+    if not p.is_file():
+        raise UsageError(f"{what}: {str(p)!r} is not a regular file")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = p.read_bytes().decode("utf-8-sig")  # no newline translation: a lone \r is reported
     except (OSError, UnicodeDecodeError) as e:
         raise UsageError(f"{what}: cannot read prompt file {str(p)!r} ({e})") from None
     out = []
-    for i, raw in enumerate(text.splitlines(), start=1):
+    for i, raw in enumerate(text.split("\n"), start=1):
+        raw = raw[:-1] if raw.endswith("\r") else raw
+        bad = CONTROL_CHARS.search(raw)
+        if bad:
+            code = ord(bad.group())
+            name = _NAMES.get(code, "control character")
+            raise UsageError(f"{what}: {str(p)!r} line {i}: {name} (U+{code:04X}) at column {bad.start() + 1}")
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

@@ -1,8 +1,10 @@
 """``collect``, ``select``, ``train`` and ``build``: checks first, then the stages in order.
 
-Every input (config, prompt files, model folder, shapes, run-directory state) is checked before
-anything is written, so bad input leaves the output directory untouched. ``build`` runs the
-three stages from one config file; each stage can also run alone on the same ``--out``.
+Every input (config, prompt files, model folder and its weight files, shapes, the output
+directory, run-directory state: statistics and checkpoints verified, damaged ones skipped with a
+note) is checked before anything is written, so bad input leaves the output directory untouched.
+``build`` runs the three stages from one config file; each stage can also run alone on the same
+``--out``.
 """
 
 from __future__ import annotations
@@ -17,12 +19,13 @@ from typing import Any
 from pathlib import Path
 
 from .cli import add_command, add_config_flags, overrides_from_args
-from .collect import SETS, check_resumable
-from .config import RunConfig, diff_fingerprints, fingerprint, jsonable, resolve
-from .errors import TrainerError, UsageError
+from .collect import SETS, pick_stats, stats_metadata
+from .config import RunConfig, jsonable, resolve
+from .errors import UsageError
 from .models import ModelInfo, image_size, max_sequence_length, resolve_model
 from .prompts import UnlearnPrompts, read_prompts, read_unlearn
-from .rundir import RunDir
+from .rundir import DamagedFileError, RunDir, check_output_dir
+from .runtime import launched_processes
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +101,9 @@ class Plan:
     safe: list[str] | None = None
     images: list[tuple[Path, str]] | None = None
     checkpoint: Path | None = None
+    stats_sources: dict[str, Path | None] | None = None  # the verified statistics each set continues from
+    num_processes: int = 1  # processes this launch runs (part of a training checkpoint's fingerprint)
+    notes: list[str] = field(default_factory=list)  # damaged files skipped (logged once the run's log is open)
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -105,29 +111,37 @@ class Plan:
 
 
 def _stats_shapes(run: RunDir):
-    """:class:`saferope_engine.ModelShapes` recorded with the run's statistics."""
+    """:class:`saferope_engine.ModelShapes` from the statistics files, after checking that both are whole."""
     from saferope_engine import ModelShapes
-    from saferope_engine.subspace import GramAccumulator
 
     from .select import stats_blocks
 
-    path = run.stats_file("unsafe")
-    if not path.is_file():
-        raise UsageError(f"{path}: no statistics in {str(run.root)!r} (run `collect` first)")
-    meta = GramAccumulator.metadata_of(path)
-    kv = int(meta["num_kv_heads"]) if "num_kv_heads" in meta else None
-    return ModelShapes(arch=meta.get("arch", "flux1"), num_heads=int(meta["num_heads"]), head_dim=int(meta["head_dim"]),
-                       blocks=stats_blocks(meta), num_kv_heads=kv)
+    shapes = None
+    for name in SETS:
+        path = run.stats_file(name)
+        if not path.is_file():
+            raise UsageError(f"{path}: no statistics in {str(run.root)!r} (run `collect` first)")
+        try:
+            meta = stats_metadata(path)
+            kv = int(meta["num_kv_heads"]) if "num_kv_heads" in meta else None
+            shapes = ModelShapes(arch=meta.get("arch", "flux1"), num_heads=int(meta["num_heads"]),
+                                 head_dim=int(meta["head_dim"]), blocks=stats_blocks(meta), num_kv_heads=kv)
+        except DamagedFileError as e:
+            raise UsageError(f"{e}; `collect --resume latest` falls back to the previous save if there is one") from None
+        except (KeyError, ValueError) as e:
+            raise UsageError(f"{path}: not a statistics file of this trainer (metadata {e})") from None
+    return shapes
 
 
 def preflight(command: str, cfg: RunConfig, run: RunDir, resume: str | None) -> Plan:
     """Check every input; raises UsageError (nothing has been written yet)."""
-    from .train import TRAIN_KEYS
+    from .train import changed_settings, pick_checkpoint, train_fingerprint
 
-    plan = Plan(command, cfg, run, resume)
+    plan = Plan(command, cfg, run, resume, num_processes=launched_processes()[1])
     stages = plan.stages
     if resume and resume != "latest" and not Path(resume).is_dir():
         raise UsageError(f"--resume {resume!r}: expected `latest` or a checkpoint folder")
+    check_output_dir(run.root)
     if command == "build" and run.has_run() and not resume:
         raise UsageError(f"{str(run.root)!r} already holds a run; add --resume latest to continue it or choose another --out")
     t = cfg.train
@@ -155,16 +169,13 @@ def preflight(command: str, cfg: RunConfig, run: RunDir, resume: str | None) -> 
     if cfg.select.rank < 1:
         raise UsageError(f"rank must be ≥ 1, got {cfg.select.rank}")
     # Run-directory state.
-    stats = {name: run.stats_file(name) for name in SETS}
     if "collect" in stages:
-        existing = [p for p in stats.values() if p.is_file()]
+        existing = [p for name in SETS for p in (run.stats_file(name), run.previous_stats_file(name)) if p.exists()]
         if existing and not resume:
             raise UsageError(f"{str(run.root)!r} already has statistics; add --resume latest to continue them "
                              "or choose another --out")
-        try:
-            check_resumable(cfg, stats)
-        except TrainerError as e:
-            raise UsageError(str(e)) from None
+        plan.stats_sources, notes = pick_stats(cfg, run)
+        plan.notes += notes
     elif "select" in stages or "train" in stages:
         _stats_shapes(run)
     if "train" in stages:
@@ -174,16 +185,13 @@ def preflight(command: str, cfg: RunConfig, run: RunDir, resume: str | None) -> 
         if (ckpts or run.adapter.is_file()) and not resume:
             raise UsageError(f"{str(run.root)!r} already has training checkpoints or an adapter; add --resume latest "
                              "to continue, or choose another --out")
-        if resume:
-            plan.checkpoint = Path(resume) if resume != "latest" else (ckpts[-1] if ckpts else None)
-            if plan.checkpoint is not None:
-                state_file = plan.checkpoint / "state.json"
-                if not state_file.is_file():
-                    raise UsageError(f"{str(plan.checkpoint)!r} is not a checkpoint (no state.json)")
-                old = json.loads(state_file.read_text(encoding="utf-8"))["fingerprint"]
-                changed = diff_fingerprints(old, fingerprint(cfg, TRAIN_KEYS))
-                if changed:
-                    raise UsageError(f"cannot resume from {str(plan.checkpoint)!r}: settings changed ({', '.join(changed)})")
+        plan.checkpoint, notes = pick_checkpoint(run, resume)
+        plan.notes += notes
+        if plan.checkpoint is not None:
+            old = json.loads((plan.checkpoint / "state.json").read_text(encoding="utf-8"))["fingerprint"]
+            changed = changed_settings(old, train_fingerprint(cfg, plan.num_processes))
+            if changed:
+                raise UsageError(f"cannot resume from {str(plan.checkpoint)!r}: settings changed ({', '.join(changed)})")
     return plan
 
 
@@ -194,11 +202,18 @@ def run_command(command: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _file_logging(run: RunDir, command: str) -> logging.Handler:
+def _file_logging(run: RunDir, command: str, runtime) -> logging.Handler:
+    """The run's log file: ``logs/<command>.log`` from the main process; each other process writes its
+    warnings and errors to ``logs/<command>.rank-N.log`` (created only if it has any)."""
     run.logs.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run.logs / f"{command}.log", encoding="utf-8")
+    if runtime.is_main:
+        handler = logging.FileHandler(run.logs / f"{command}.log", encoding="utf-8")
+        handler.setLevel(logging.DEBUG)
+    else:
+        handler = logging.FileHandler(run.logs / f"{command}.rank-{runtime.process_index}.log", encoding="utf-8",
+                                      delay=True)
+        handler.setLevel(logging.WARNING)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    handler.setLevel(logging.DEBUG)
     logging.getLogger().addHandler(handler)
     return handler
 
@@ -215,15 +230,20 @@ def execute(plan: Plan, report: bool = True) -> None:
 
     cfg, run = plan.cfg, plan.run
     runtime = make_runtime(cfg.device, cfg.mixed_precision)
+    if runtime.num_processes != plan.num_processes:
+        raise UsageError(f"{runtime.num_processes} processes joined, {plan.num_processes} were launched")
+    runtime.barrier()  # every process has finished its checks before the main one writes
     if runtime.is_main:
         run.root.mkdir(parents=True, exist_ok=True)
         run.write_config(cfg)
     runtime.barrier()
-    handler = _file_logging(run, plan.command)
+    handler = _file_logging(run, plan.command, runtime)
     transformer = caller = tables = None
     try:
         logger.info("%s: run directory %s (device %s, %d process(es))", plan.command, run.root, runtime.device,
                     runtime.num_processes)
+        for note in plan.notes if runtime.is_main else []:
+            logger.warning("%s", note)
         if plan.info is not None:
             from .embeddings import encode_sets
             from .flux import FluxCaller
@@ -236,8 +256,7 @@ def execute(plan: Plan, report: bool = True) -> None:
         if "collect" in plan.stages:
             from .collect import run_collect
 
-            metrics = run_collect(cfg, plan.info, runtime, tables, transformer, caller,
-                                  {name: run.stats_file(name) for name in SETS})
+            metrics = run_collect(cfg, plan.info, runtime, tables, transformer, caller, run, plan.stats_sources)
             if runtime.is_main:
                 run.update_metrics("collect", metrics)
         if "select" in plan.stages and runtime.is_main:
@@ -278,7 +297,7 @@ def _prompt_sets(plan: Plan) -> dict[str, list[str]]:
 
 def _train(plan: Plan, runtime, transformer, caller, tables) -> None:
     from .select import read_selection
-    from .train import TRAIN_KEYS, TrainData, Trainer, initial_adapter
+    from .train import TrainData, Trainer, initial_adapter, train_fingerprint
 
     cfg, run = plan.cfg, plan.run
     base_model = cfg.base_model or plan.info.name
@@ -292,8 +311,9 @@ def _train(plan: Plan, runtime, transformer, caller, tables) -> None:
         from .images import encode_images
 
         data.image_latents = encode_images(plan.info, plan.images, height=plan.size[0], width=plan.size[1],
-                                           dtype=cfg.dtype, device=runtime.device, cache_dir=run.cache)
-    trainer = Trainer(cfg, run, runtime, transformer, caller, adapter, data, fingerprint(cfg, TRAIN_KEYS))
+                                           dtype=cfg.dtype, runtime=runtime, cache_dir=run.cache)
+    trainer = Trainer(cfg, run, runtime, transformer, caller, adapter, data,
+                      train_fingerprint(cfg, runtime.num_processes))
     try:
         if plan.checkpoint is not None:
             trainer.load_checkpoint(plan.checkpoint)

@@ -13,7 +13,14 @@ The adapter runs through :func:`saferope_engine.diffusers.apply_saferope`; base-
 from the same patched transformer inside ``handle.bypassed()`` without gradients. Only ``W``
 requires grad. Randomness is counter-based (a generator seeded from seed, step and process per
 step), so a run resumed from a checkpoint (``W``, AdamW state, step) repeats exactly what the
-uninterrupted run would have done.
+uninterrupted run would have done — with the same number of processes, which is part of the
+checkpoint's fingerprint. Gradients and losses are averaged across processes.
+
+A checkpoint folder holds ``state.safetensors``, ``state.json`` and, written last,
+``manifest.json`` (their sizes and SHA-256). :func:`verify_checkpoint` checks all three and the
+contents (finite tensors, generators within :data:`MAX_GENERATOR_NORM`) before a resume trusts
+one; ``--resume latest`` falls back to the newest intact checkpoint and says which it skipped.
+The generators are also checked after initialisation and after every optimizer step.
 """
 
 from __future__ import annotations
@@ -31,16 +38,17 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saferope_engine import BlockAdapter, SafeRoPEAdapter
+from saferope_engine import adapter as adapter_format
 from saferope_engine.subspace import GramAccumulator, assemble_adapter
 
 from .collect import COLLECT_KEYS, step_seed
-from .config import RunConfig, diff_fingerprints, init_std, jsonable, rollout_grid
+from .config import RunConfig, diff_fingerprints, fingerprint, init_std, jsonable, rollout_grid
 from .embeddings import EmbeddingTable, TextBatch
-from .errors import TrainerError
+from .errors import TrainerError, UsageError
 from .flux import FluxCaller
 from .flux import pack
 from .progress import progress_bar
-from .rundir import RunDir, atomic_write_json, commit_dir
+from .rundir import DamagedFileError, RunDir, atomic_write_json, check_manifest, commit_dir, write_manifest
 from .runtime import Runtime
 
 logger = logging.getLogger(__name__)
@@ -50,6 +58,121 @@ TRAIN_KEYS = COLLECT_KEYS + ["prompts.anchors", "select", "mixed_precision", "co
     f"train.{k}" for k in ("batch_size", "lr", "weight_decay", "unlearn", "preserve", "lambda_unlearn",
                            "lambda_preserve", "threshold", "double_segments", "single_segments", "init_std",
                            "unlearn_sigmas", "preserve_sigmas", "latents", "rollout_steps", "images")]
+
+#: Largest Frobenius norm ‖A‖_F = ‖W − Wᵀ‖_F of one head's generator that a run accepts (after
+#: initialisation, after every optimizer step, in a checkpoint): the adapter format's own bound
+#: (a file with a larger generator would be refused). A learned generator stays far below it
+#: (`trainer demo --quick`, 60 steps at lr 0.05: at most 7.9).
+MAX_GENERATOR_NORM = adapter_format.MAX_GENERATOR_NORM
+
+CHECKPOINT_FILES = ("state.safetensors", "state.json")
+
+
+def train_fingerprint(cfg: RunConfig, num_processes: int) -> dict[str, Any]:
+    """What a checkpoint must have been trained with to be resumed: the training keys and the process count
+    (each process draws its own samples, so another count gives another run)."""
+    return {**fingerprint(cfg, TRAIN_KEYS), "num_processes": num_processes}
+
+
+def changed_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Keys whose values differ (``num_processes`` with both values; checkpoints from before it was
+    recorded are not compared on it)."""
+    if "num_processes" not in old:
+        new = {k: v for k, v in new.items() if k != "num_processes"}
+    out = []
+    for key in diff_fingerprints(old, new):
+        out.append(f"num_processes {old.get(key)} → {new.get(key)}" if key == "num_processes" else key)
+    return out
+
+
+def check_generators(named: dict[str, Tensor], where: str, cause: str) -> None:
+    """Raise :class:`TrainerError` naming ``where`` (a step, a file) if any ``W`` is non-finite or a head's
+    ``‖W − Wᵀ‖_F`` exceeds :data:`MAX_GENERATOR_NORM`; ``cause`` says what likely made it so."""
+    for name, W in named.items():
+        W = W.detach()
+        if not bool(torch.isfinite(W).all()):
+            raise TrainerError(f"{where}: generator {name} has non-finite entries ({cause})")
+        norms = torch.linalg.matrix_norm((W - W.transpose(-1, -2)).double())  # (n,) per head
+        if norms.numel() and float(norms.max()) > MAX_GENERATOR_NORM:
+            head = int(norms.argmax())
+            raise TrainerError(f"{where}: generator {name} head {head} has ‖A‖_F = {float(norms.max()):.4g} > "
+                               f"{MAX_GENERATOR_NORM:g} ({cause})")
+
+
+def verify_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Read and check a checkpoint folder; returns ``(state.json, tensors)``.
+
+    Checks the manifest (sizes and SHA-256; older checkpoints have none), that ``state.json`` and
+    ``state.safetensors`` parse completely and agree (a ``W`` per listed generator, finite tensors,
+    AdamW entries), and that the generators are within :data:`MAX_GENERATOR_NORM`. Raises
+    :class:`DamagedFileError` naming the file.
+    """
+    from safetensors.torch import load_file
+
+    check_manifest(path)
+    state_file, tensor_file = path / "state.json", path / "state.safetensors"
+    for f in (state_file, tensor_file):
+        if not f.is_file():
+            raise DamagedFileError(f"{f}: missing")
+    try:
+        state = json.loads(state_file.read_text(encoding="utf-8"))
+        step, params, groups = state["step"], state["params"], state["param_groups"]
+        if not (isinstance(step, int) and step >= 0 and isinstance(state["fingerprint"], dict)
+                and isinstance(params, list) and all(isinstance(n, str) for n in params)
+                and isinstance(groups, list) and groups and all(isinstance(g, dict) for g in groups)):
+            raise ValueError("unexpected types of step/fingerprint/params/param_groups")
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError) as e:
+        raise DamagedFileError(f"{state_file}: unreadable checkpoint state ({type(e).__name__}: {e})") from None
+    try:
+        tensors = load_file(str(tensor_file))
+    except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
+        raise DamagedFileError(f"{tensor_file}: unreadable ({type(e).__name__}: {e})") from None
+    missing = [n for n in params if f"W.{n}" not in tensors]
+    if missing:
+        raise DamagedFileError(f"{tensor_file}: no generator W for {missing}")
+    for name, t in tensors.items():
+        if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+            raise DamagedFileError(f"{tensor_file}: tensor {name!r} has non-finite entries")
+    try:
+        check_generators({n: tensors[f"W.{n}"] for n in params}, str(tensor_file), "a damaged or foreign checkpoint")
+    except TrainerError as e:
+        raise DamagedFileError(str(e)) from None
+    return state, tensors
+
+
+def pick_checkpoint(run: RunDir, resume: str | None) -> tuple[Path | None, list[str]]:
+    """The checkpoint a resume starts from, and notes on the damaged ones it skipped.
+
+    ``latest``: the newest intact checkpoint (``None`` when there is none yet); a path: that one,
+    which must be intact. Nothing intact among existing checkpoints is a :class:`UsageError` naming
+    the newest damaged file.
+    """
+    if not resume:
+        return None, []
+    if resume != "latest":
+        path = Path(resume)
+        try:
+            verify_checkpoint(path)
+        except DamagedFileError as e:
+            raise UsageError(f"--resume {resume!r}: damaged checkpoint ({e})") from None
+        return path, []
+    notes: list[str] = []
+    ckpts = run.checkpoint_dirs()
+    for path in reversed(ckpts):
+        try:
+            verify_checkpoint(path)
+        except DamagedFileError as e:
+            notes.append(f"skipping damaged checkpoint {path.name}: {e}")
+            continue
+        if notes:
+            notes.append(f"resuming from {path.name}, the newest intact checkpoint")
+        return path, notes
+    if ckpts:
+        raise UsageError(f"no intact checkpoint to resume from in {run.checkpoints} "
+                         f"({notes[0].removeprefix('skipping damaged checkpoint ')}"
+                         f"{f'; {len(ckpts) - 1} older damaged too' if len(ckpts) > 1 else ''}); "
+                         "remove the checkpoints folder to train afresh")
+    return None, notes
 
 
 @dataclass
@@ -119,6 +242,7 @@ class Trainer:
         if any(p.requires_grad for p in transformer.parameters()):
             raise TrainerError("internal: the backbone must be frozen (requires_grad False)")
         self.params = make_generators(adapter, init_std(self.t), cfg.seed, runtime.device)
+        check_generators(self.params, "initialisation", f"train.init_std = {init_std(self.t):g} is too large")
         self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=self.t.lr, weight_decay=self.t.weight_decay)
         self.step = 0
         self.history: list[dict[str, float]] = []
@@ -210,7 +334,14 @@ class Trainer:
         self.optimizer.step()
         self.step += 1
         logs["loss"] = total
+        if self.runtime.num_processes > 1:  # every process reports (and checks) the same mean losses
+            keys = list(logs)
+            values = torch.tensor([logs[k] for k in keys], dtype=torch.float64, device=self.runtime.device)
+            self.runtime.all_reduce_([values], op="mean")
+            logs = dict(zip(keys, values.tolist()))
         logs["grad_norm"] = float(torch.sqrt(sum((g.float() ** 2).sum() for g in grads)))
+        check_generators(self.params, f"step {self.step}",
+                         f"the optimizer step diverged; train.lr = {self.t.lr:g} is likely too large")
         return logs
 
     # -- checkpoints ---------------------------------------------------------------------------
@@ -232,21 +363,24 @@ class Trainer:
         tmp, final = self.run.new_checkpoint_dir(self.step)
         save_file(tensors, str(tmp / "state.safetensors"))
         atomic_write_json(tmp / "state.json", state)
+        write_manifest(tmp, list(CHECKPOINT_FILES))  # last: a checkpoint is whole only with it
         commit_dir(tmp, final)
         self.run.rotate_checkpoints(self.t.keep_checkpoints)
         logger.info("checkpoint %s", final)
         return final
 
     def load_checkpoint(self, path: Path) -> None:
-        from safetensors.torch import load_file
-
-        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
-        changed = diff_fingerprints(state["fingerprint"], self.fp)
+        """Continue from a checkpoint folder (verified again here: it is read now)."""
+        state, tensors = verify_checkpoint(path)
+        changed = changed_settings(state["fingerprint"], self.fp)
         if changed:
             raise TrainerError(f"{path}: cannot resume, the training settings changed ({', '.join(changed)})")
         if state["params"] != list(self.params):
             raise TrainerError(f"{path}: cannot resume, the checkpoint trains other blocks ({state['params']})")
-        tensors = load_file(str(path / "state.safetensors"))
+        for n, p in self.params.items():
+            if tuple(tensors[f"W.{n}"].shape) != tuple(p.shape):
+                raise TrainerError(f"{path}: generator {n} has shape {tuple(tensors[f'W.{n}'].shape)}, "
+                                   f"this run's is {tuple(p.shape)}")
         with torch.no_grad():
             for n, p in self.params.items():
                 p.copy_(tensors[f"W.{n}"].to(p.device, p.dtype))
