@@ -74,6 +74,14 @@ class Tiny:
     pooled: int | None = None
     twin: str | None = None
 
+    @property
+    def heads(self) -> tuple[int, int | None]:
+        """``(query heads, key heads)`` of the tiny config (key heads ``None`` unless fewer: GQA)."""
+        v = self.values
+        h = int(v.get("num_heads", v.get("num_attention_heads", v.get("n_heads", 0))))
+        kv = v.get("n_kv_heads")
+        return h, (None if kv in (None, h) else int(kv))
+
 
 _FLUX_COMMON = dict(context_in_dim=TEXT_DIM, hidden_size=256, num_heads=2, depth=2, depth_single_blocks=2)
 _ZIMAGE = dict(patch_size=2, in_channels=16, n_layers=2, n_refiner_layers=1, multiple_of=2, ffn_dim_multiplier=8.0 / 3.0,
@@ -117,7 +125,7 @@ TINIES: dict[str, Tiny] = {t.case: t for t in (
             "in_features": TEXT_DIM, "out_features": 64}})),
 )}
 assert {t.family for t in TINIES.values() if t.family} == {f.family for f in family_table.FAMILIES}
-assert {c for c, _, _ in family_table.UNSUPPORTED} <= set(TINIES)
+assert {u[0] for u in family_table.UNSUPPORTED} <= set(TINIES)
 
 
 def constructor_args(target: str, values: Mapping[str, Any]) -> dict[str, Any]:

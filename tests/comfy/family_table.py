@@ -49,10 +49,11 @@ FAMILIES: tuple[TreeFamily, ...] = (
 )
 BY_ID = {f.family: f for f in FAMILIES}
 
-#: Models of no supported family, built tiny through their ComfyUI config class: (case, config class, model class).
-UNSUPPORTED: tuple[tuple[str, str, str], ...] = (
-    ("lumina2", "Lumina2", "Lumina2"),
-    ("sd3", "SD3", "SD3"),
+#: Models of no supported family, built tiny through their ComfyUI config class:
+#: (case, config class, model class, what the error must say about it).
+UNSUPPORTED: tuple[tuple[str, str, str, str], ...] = (
+    ("lumina2", "Lumina2", "Lumina2", "Lumina 2 is not covered"),
+    ("sd3", "SD3", "SD3", "no rotary embedding"),
 )
 
 
@@ -101,7 +102,7 @@ def unsupported_in(tree: Path) -> list[str]:
     """Cases of :data:`UNSUPPORTED` whose classes this tree defines."""
     configs = _classes(tree / "comfy" / "supported_models.py")
     models = _classes(tree / "comfy" / "model_base.py")
-    return [case for case, cfg, model in UNSUPPORTED if cfg in configs and model in models]
+    return [case for case, cfg, model, _ in UNSUPPORTED if cfg in configs and model in models]
 
 
 def calls_attn1(tree: Path, family: str) -> bool:
