@@ -15,11 +15,12 @@ would not share weights.
 
 Concept adapters are built from the ComfyUI model's own queries and keys (design §3): forward
 hooks on the registry's QK-norm sites record them while the model samples prompts whose tokens
-1..3 carry a synthetic concept direction; where those tokens sit is read off the model itself
-(the rows of the context the diffusion model receives, and — for joint sequences — where the text
-stream's output reappears in the first joint block's input), so the fixture does not take the
-token order from the code under test. Bases are the top eigenvectors of the trigger tokens' Gram
-matrices; the threshold is put between the risk of every other text token and the trigger tokens'.
+1..3 carry a synthetic concept direction (and safe prompts without it). Where those tokens sit is
+read off the model itself — the rows of the context the diffusion model receives, where the text
+stream's output reappears in the first joint block's input, and which axis of a norm's output has
+the model's head count — so the fixture takes neither token order nor layout from the code under
+test. Bases: the contrast basis (concept tokens' Gram minus safe tokens'); the threshold lies between
+the highest risk of any safe prompt's token and the lowest of a concept token (see :func:`concept_adapter`).
 """
 
 from __future__ import annotations
@@ -114,11 +115,19 @@ TINIES: dict[str, Tiny] = {t.case: t for t in (
     Tiny("z_image", "z_image", "ZImage", "comfy.ldm.lumina.model:NextDiT", dict(_ZIMAGE, dim=1024, n_heads=8, n_kv_heads=8),
          twin="ZImageTransformer2DModel"),
     # grouped-query keys: 2 query heads share 1 key head (diffusers' Z-Image ignores n_kv_heads: ComfyUI only)
-    Tiny("z_image_gqa", "z_image", "ZImage", "comfy.ldm.lumina.model:NextDiT", dict(_ZIMAGE, dim=256, n_heads=2, n_kv_heads=1)),
-    # models of no supported family
+    Tiny("z_image_gqa", "z_image", "ZImage", "comfy.ldm.lumina.model:NextDiT",
+         dict(_ZIMAGE, dim=256, n_heads=2, n_kv_heads=1)),
+    # models of no supported family (their errors name what was found)
     Tiny("lumina2", None, "Lumina2", "comfy.ldm.lumina.model:NextDiT", dict(
         patch_size=2, in_channels=16, dim=256, n_layers=1, n_refiner_layers=1, n_heads=2, n_kv_heads=1, qk_norm=True,
         cap_feat_dim=TEXT_DIM, axes_dims=[32, 48, 48], axes_lens=[300, 512, 512])),
+    Tiny("hidream", None, "HiDream", "comfy.ldm.hidream.model:HiDreamImageTransformer2DModel", dict(
+        patch_size=2, in_channels=16, out_channels=16, num_layers=1, num_single_layers=1, attention_head_dim=64,
+        num_attention_heads=2, caption_channels=[TEXT_DIM, TEXT_DIM], text_emb_dim=POOLED_DIM, num_routed_experts=2,
+        num_activated_experts=1, axes_dims_rope=(32, 32), max_resolution=(16, 16), llama_layers=[0])),
+    Tiny("auraflow", None, "AuraFlow", "comfy.ldm.aura.mmdit:MMDiT", dict(  # a class no registry entry names
+        in_channels=4, out_channels=4, patch_size=2, dim=64, n_layers=2, n_double_layers=1, n_heads=2,
+        global_conddim=64, cond_seq_dim=TEXT_DIM, max_seq=64)),
     Tiny("sd3", None, "SD3", "comfy.ldm.modules.diffusionmodules.mmdit:MMDiT", dict(
         in_channels=16, out_channels=16, patch_size=2, depth=1, pos_embed_max_size=16, num_patches=256,
         adm_in_channels=POOLED_DIM, context_embedder_config={"target": "torch.nn.Linear", "params": {
@@ -303,9 +312,11 @@ def observe(patcher: Any, family: Any, run: Callable[[Any], None]) -> list[Obser
         last, pick, first = entry
         handles.append(last.register_forward_hook(
             lambda _m, _a, out: setattr(calls[-1], "text_out", pick(out).detach().clone())))
-        handles.append(first.register_forward_pre_hook(
-            lambda _m, args, kwargs: setattr(calls[-1], "joint_in", (args[0] if args else next(iter(kwargs.values()))).detach().clone()),
-            with_kwargs=True))
+        def joint_in(_m, args, kwargs):
+            x = args[0] if args else next(iter(kwargs.values()))  # the joint sequence, the block's first argument
+            calls[-1].joint_in = x.detach().clone()
+
+        handles.append(first.register_forward_pre_hook(joint_in, with_kwargs=True))
     try:
         run(clone)
     finally:
@@ -397,7 +408,8 @@ def concept_adapter(nodes: ModuleType, engine: ModuleType, patcher: Any, tiny: T
     for s in range(2 * prompts):
         unsafe = s % 2 == 0
         cond = conditioning(tiny, 100 + s, concept=unsafe, length=9 + s // 2)
-        calls = observe(patcher, family, lambda m, cond=cond, s=s: sample(nodes, m, tiny, cond, seed=s, steps=steps, cfg=1.0))
+        calls = observe(patcher, family,
+                        lambda m, cond=cond, s=s: sample(nodes, m, tiny, cond, seed=s, steps=steps, cfg=1.0))
         for obs in calls:
             lay = layout_of(obs, family, cond[0][0])
             seen.append((unsafe, obs, lay))
@@ -425,7 +437,7 @@ def concept_adapter(nodes: ModuleType, engine: ModuleType, patcher: Any, tiny: T
                     A.copy_((skew / torch.linalg.matrix_norm(skew)[:, None, None] * 3.0).float())
         return adapter
 
-    # calibration, per kind: (max LRS of a safe prompt's text token, min LRS of a concept token)
+    # calibration, per block: (max LRS of a safe prompt's text token, min LRS of a concept token)
     full = assemble(tuple((kind, i) for kind in candidates for i in range(shapes.blocks[kind])), PROBE_THRESHOLD)
     bounds = {(kind, i): (0.0, 1.0) for kind in candidates for i in range(shapes.blocks[kind])}
     for unsafe, obs, lay in seen:
@@ -453,9 +465,9 @@ def concept_adapter(nodes: ModuleType, engine: ModuleType, patcher: Any, tiny: T
     full.validate(for_file=True)
     first = next(lay for unsafe, _, lay in seen if unsafe)
     return adapter, full, {"blocks": [f"{k}.{i}" for k, i in blocks], "candidates": list(candidates),
-                     "bounds": {f"{k}.{i}": v for (k, i), v in bounds.items()}, "threshold": tau,
-                     "calls": len(seen), "spans": {k: list(v) for k, v in first.spans.items()},
-                     "trigger_positions": first.triggers}
+                           "bounds": {f"{k}.{i}": v for (k, i), v in bounds.items()}, "threshold": tau,
+                           "calls": len(seen), "spans": {k: list(v) for k, v in first.spans.items()},
+                           "trigger_positions": first.triggers}
 
 
 # -- diffusers twins (parity) -----------------------------------------------------------------------

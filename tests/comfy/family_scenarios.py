@@ -244,7 +244,6 @@ def _risk_columns(c: Case, model: Any, cond: list) -> list[dict]:
     import comfy.samplers
 
     risk = c.env.pack.nodes.risk
-    lf = model.get_model_object("latent_format")
     latent = fm.sample_latent(model, c.tiny)
     ms = model.get_model_object("model_sampling")
     collector = risk.RiskCollector()
@@ -252,7 +251,6 @@ def _risk_columns(c: Case, model: Any, cond: list) -> list[dict]:
         comfy.sample.sample_custom(model, comfy.sample.prepare_noise(latent, 0), 1.0,
                                    comfy.samplers.sampler_object("euler"), torch.tensor([float(ms.sigma_max), 0.0]),
                                    cond, cond, latent, disable_pbar=True, seed=0)
-    del lf
     report = collector.report(c.env.pack.nodes.install.layers_of(model))
     return [{"kind": col.kind, "index": col.index, "txt_len": int((~col.txt_rho.isnan()).sum()),
              "gated": col.txt_gated.nonzero().flatten().tolist(),

@@ -53,7 +53,9 @@ BY_ID = {f.family: f for f in FAMILIES}
 #: (case, config class, model class, what the error must say about it).
 UNSUPPORTED: tuple[tuple[str, str, str, str], ...] = (
     ("lumina2", "Lumina2", "Lumina2", "Lumina 2 is not covered"),
+    ("hidream", "HiDream", "HiDream", "no hook before RoPE"),
     ("sd3", "SD3", "SD3", "no rotary embedding"),
+    ("auraflow", "AuraFlow", "AuraFlow", "SafeRoPE does not support this model"),  # unknown: no reason on file
 )
 
 
