@@ -90,7 +90,8 @@ def test_norm_patch_on_blhd_tensors_equals_the_engine():
     site = QWEN_SITES["attn.norm_added_q"]
     x = risky_x(a, "double", 0, "q", T, tokens=(1, 2))  # (1, H, T, D)
     patch = NormPatch("double", 0, site, Norm(), (lay,))
-    others = [NormPatch("double", 0, QWEN_SITES[p], Norm(), (lay,)) for p in ("attn.norm_added_k", "attn.norm_q", "attn.norm_k")]
+    others = [NormPatch("double", 0, QWEN_SITES[p], Norm(), (lay,))
+              for p in ("attn.norm_added_k", "attn.norm_q", "attn.norm_k")]
 
     def body():
         out = patch(x.transpose(1, 2).contiguous())  # as 0.3.64 calls it: (1, T, H, D)
