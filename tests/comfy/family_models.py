@@ -194,6 +194,7 @@ def build(tiny: Tiny, seed: int = 0, dtype: torch.dtype = torch.float32) -> Any:
 
 # -- prompts --------------------------------------------------------------------------------------
 def concept_direction(dim: int = TEXT_DIM) -> torch.Tensor:
+    """The synthetic concept's unit direction in text-embedding space (fixed)."""
     v = torch.randn(dim, generator=torch.Generator().manual_seed(1234))
     return v / v.norm()
 
@@ -360,6 +361,7 @@ class Layout:
 
 
 def layout_of(obs: Observation, family: Any, ctx: torch.Tensor) -> Layout:
+    """The :class:`Layout` of one observed call of the prompt ``ctx`` ((1, T, C) embeddings)."""
     rows = trigger_rows(obs, ctx)
     spans = {}
     for hk in family.comfy.kinds:

@@ -24,6 +24,7 @@ UNSUPPORTED_SCENARIOS = ("unsupported",)
 
 
 def scenario(fn: Callable[["Case"], dict]) -> Callable[["Case"], dict]:
+    """Register ``fn`` as a scenario under its name (the key of its record in the JSON)."""
     SCENARIOS[fn.__name__] = fn
     return fn
 
@@ -36,10 +37,12 @@ def applies(name: str, c: "Case") -> bool:
 
 
 def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Exact max |a - b| (0.0 means bit-identical values)."""
     return float((a.float() - b.float()).abs().max())
 
 
 def error_of(fn: Callable[[], Any]) -> dict:
+    """What ``fn()`` raised: type, its bases and the message (``raised: None`` when it returned)."""
     try:
         fn()
     except Exception as e:  # noqa: BLE001
@@ -60,7 +63,7 @@ def state(model: Any) -> str:
 
 
 def weights_digest(model: Any) -> float:
-    """A cheap exact fingerprint of the diffusion model's weights (sum of |w| in float64)."""
+    """A cheap fingerprint of the diffusion model's weights (sum of |w| in float64; any in-place edit shows)."""
     return float(sum(p.detach().double().abs().sum() for p in model.model.diffusion_model.parameters()))
 
 
