@@ -12,6 +12,8 @@ ComfyUI fork or a release we never saw gets the same treatment as the ones we te
   object of the calling module's ``forward`` — present exactly when the method reads that key. If
   detection were ever wrong, the fail-closed check of :mod:`.patch` still raises instead of
   letting an unprotected image through.
+* The token order of joint sequences is the registry's unless the model object says otherwise
+  (:attr:`~saferope_engine.arch.HostKind.flip`: ComfyUI before 0.14 ran HunyuanImage 2.1 image first).
 * :func:`sigma_range` converts start/end percent to sigmas the way ComfyUI's own nodes do
   (``model_sampling.percent_to_sigma``).
 
@@ -21,8 +23,8 @@ ComfyUI modules are imported lazily so that this file imports without ComfyUI (C
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Mapping
 
 from ..saferope_engine import arch as archs
 from ..saferope_engine.errors import UnsupportedModelError
@@ -65,9 +67,18 @@ class ComfyModel:
     family: archs.Arch
     shapes: archs.ModelShapes
     attn1_patch: bool  # every block kind calls attn1_patch with joint q/k before RoPE
+    orders: Mapping[str, str] = field(default_factory=dict, hash=False)  # kind -> token order of its joint sites
 
     def kind(self, name: str) -> archs.HostKind:
         return next(hk for hk in self.family.comfy.kinds if hk.kind == name)
+
+    def img_first(self, kind: str) -> bool:
+        """Whether the joint sequence of ``kind`` puts the image tokens first in this model."""
+        return self.orders.get(kind, self.kind(kind).order) == "img_first"
+
+    def key_heads(self) -> int:
+        """Heads of the keys (fewer than the queries' under grouped-query attention)."""
+        return self.shapes.num_kv_heads or self.shapes.num_heads
 
     def site_path(self, kind: str, index: int, site: archs.NormSite) -> str:
         """Attribute path (from the BaseModel) of a QK-norm module — the object patch's target."""
@@ -86,6 +97,7 @@ def comfy_model(model: Any) -> ComfyModel:
     family = archs.detect_comfy(base)
     dm = model.get_model_object("diffusion_model")
     shapes = archs.comfy_shapes(family, dm)
+    orders = {hk.kind: _order(hk, dm) for hk in family.comfy.kinds}
     attn1 = True
     for hk in family.comfy.kinds:
         if shapes.blocks.get(hk.kind, 0) == 0:
@@ -96,7 +108,23 @@ def comfy_model(model: Any) -> ComfyModel:
         blocks = archs.resolve_attr(dm, hk.blocks)
         classes = {type(archs.resolve_attr(b, hk.attn1[1])) for b in blocks}
         attn1 = attn1 and all(calls_attn1_patch(c) for c in classes)
-    return ComfyModel(family=family, shapes=shapes, attn1_patch=attn1)
+    if attn1 and any(o == "img_first" for o in orders.values()):  # attn1_patch's img_slice means text first
+        attn1 = False
+    return ComfyModel(family=family, shapes=shapes, attn1_patch=attn1, orders=orders)
+
+
+def _order(hk: archs.HostKind, dm: Any) -> str:
+    """The token order of ``hk``'s joint sites in this model: the registry's, reversed where ``hk.flip`` is true."""
+    if hk.flip is None:
+        return hk.order
+    try:
+        flipped = archs.resolve_attr(dm, hk.flip) is True
+    except (AttributeError, IndexError, TypeError):
+        flipped = False  # the attribute is gone from this ComfyUI's code: the registry's order
+    if flipped:
+        logger.info("SafeRoPE: %s has %s set: its %s blocks see the image tokens first", type(dm).__name__, hk.flip,
+                    hk.kind)
+    return ("img_first" if hk.order == "txt_first" else "txt_first") if flipped else hk.order
 
 
 def sigma_range(model: Any, start_percent: float, end_percent: float) -> tuple[float, float]:

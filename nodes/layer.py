@@ -123,35 +123,40 @@ class SafeRoPELayer:
 
     # -- the transform ---------------------------------------------------------------------------
     def transform(self, kind: str, index: int, which: str, x: Tensor, *, txt_len: int, stream: str,
-                  record: "CallRecord") -> Tensor:
+                  record: "CallRecord", img_first: bool = False) -> Tensor:
         """SafeRoPE on ``(B, H, L, D)`` queries (``which="q"``) or keys (``"k"``) of one block.
 
-        ``txt_len`` text tokens lead the sequence (ComfyUI keeps text first in every family).
-        Outside the sampling range the tensor passes unchanged (the same object); a risk sink on
-        the record still receives the scores, computed with strength 0.
+        ``txt_len`` text tokens lead the sequence, or trail it with ``img_first`` (the model's
+        order: :meth:`.compat.ComfyModel.img_first`). Outside the sampling range the tensor passes
+        unchanged (the same object); a risk sink on the record still receives the scores,
+        computed with strength 0.
         """
         strength = self.strength if record.active else 0.0
         if record.sink is None:
             if strength == 0.0:
                 return x
-            return self.adapter.apply(kind, index, which, x, txt_len=txt_len, strength=strength, threshold=self.threshold)
-        x2, risk = self.adapter.apply(kind, index, which, x, txt_len=txt_len, strength=strength,
+            return self.adapter.apply(kind, index, which, x, txt_len=txt_len, img_first=img_first, strength=strength,
+                                      threshold=self.threshold)
+        x2, risk = self.adapter.apply(kind, index, which, x, txt_len=txt_len, img_first=img_first, strength=strength,
                                       threshold=self.threshold, return_risk=True)
         if risk is not None:
-            record.sink.add(self, kind, index, stream, which, risk[0], risk[1], txt_len=txt_len, rotated=strength > 0.0)
+            record.sink.add(self, kind, index, stream, which, risk[0], risk[1], txt_len=txt_len, rotated=strength > 0.0,
+                            img_first=img_first)
         return x2
 
     def transform_qk(self, kind: str, index: int, q: Tensor, k: Tensor, *, txt_len: int, stream: str,
-                     record: "CallRecord") -> tuple[Tensor, Tensor]:
+                     record: "CallRecord", img_first: bool = False) -> tuple[Tensor, Tensor]:
         """:meth:`transform` of queries and keys of one block together (one engine call for both)."""
         strength = self.strength if record.active else 0.0
         if record.sink is None:
             if strength == 0.0:
                 return q, k
-            return self.adapter.apply_qk(kind, index, q, k, txt_len=txt_len, strength=strength, threshold=self.threshold)
-        q2, k2, risk = self.adapter.apply_qk(kind, index, q, k, txt_len=txt_len, strength=strength,
+            return self.adapter.apply_qk(kind, index, q, k, txt_len=txt_len, img_first=img_first, strength=strength,
+                                         threshold=self.threshold)
+        q2, k2, risk = self.adapter.apply_qk(kind, index, q, k, txt_len=txt_len, img_first=img_first, strength=strength,
                                              threshold=self.threshold, return_risk=True)
         if risk is not None:
             for which, rho, gate in (("q", risk.rho_q, risk.gated_q), ("k", risk.rho_k, risk.gated_k)):
-                record.sink.add(self, kind, index, stream, which, rho, gate, txt_len=txt_len, rotated=strength > 0.0)
+                record.sink.add(self, kind, index, stream, which, rho, gate, txt_len=txt_len, rotated=strength > 0.0,
+                                img_first=img_first)
         return q2, k2

@@ -13,7 +13,9 @@ family-specific fact from the engine's registry (:mod:`saferope_engine.arch`):
   A module that sees one stream is transformed on its own (the transform is per token, so this
   is the same math); a module that sees the joint sequence learns its split from a *probe*: the
   length seen by the last block of the kind the registry names (e.g. the text stream of Flux's
-  last double block is exactly the text entering the single blocks).
+  last double block is exactly the text entering the single blocks), and its token order from
+  the model (:meth:`.compat.ComfyModel.img_first`). Where the heads are in a norm's output is
+  read off the tensor (ComfyUI versions differ), see :meth:`NormPatch._layout`.
 
 Both are paired with a :class:`DiffusionModelWrapper` (one per layer, registered with
 ``add_wrapper_with_key(DIFFUSION_MODEL, "saferope", …)``). Per model call it
@@ -60,13 +62,14 @@ class RiskSink(Protocol):
     """Receives the risk of every hook site during one model call.
 
     ``rho``/``gate``: ``(B, n, L)`` for the ``which`` ("q"/"k") vectors of the ``stream``
-    ("txt", "img" or "joint" with ``txt_len`` text tokens first) at block ``(kind, index)``.
+    ("txt", "img" or "joint" with ``txt_len`` text tokens first, or last with ``img_first``) at
+    block ``(kind, index)``.
     """
 
     closed: bool
 
     def add(self, layer: SafeRoPELayer, kind: str, index: int, stream: str, which: str, rho: Tensor, gate: Tensor,
-            *, txt_len: int, rotated: bool) -> None: ...
+            *, txt_len: int, rotated: bool, img_first: bool = False) -> None: ...
 
     def close(self) -> None: ...
 
@@ -91,6 +94,7 @@ class CallRecord:
     sink: RiskSink | None = None
     seen: set[str] = field(default_factory=set)
     lengths: dict[tuple[str, str], int] = field(default_factory=dict)  # probe site (kind, path) -> tokens it saw
+    layouts: dict[str, str] = field(default_factory=dict)  # kind -> "BHLD"/"BLHD" its QK-norms output in this call
 
     def text_length(self, kind: str, L: int) -> int:
         """Text tokens leading the joint sequence of ``L`` tokens at a block of ``kind`` (object mode)."""
@@ -188,13 +192,42 @@ class NormPatch:
             return self.inner(*args, **kwargs)
         return type(self.module).forward(self.module, *args, **kwargs)
 
+    def _layout(self, t: Tensor, records: list[CallRecord]) -> str:
+        """``"BHLD"`` or ``"BLHD"``: where this output's heads are.
+
+        ComfyUI's code decides it, and it changed between versions (Qwen-Image's attention normalised
+        ``(B, L, H, D)`` in 0.3.64 and ``(B, H, L, D)`` from 0.20), so the head axis is found in the
+        tensor: the axis of the model's head count. When tokens and heads are equally many, the layout
+        this kind's norms had earlier in the same model call decides; without one the call fails.
+        """
+        model = self.layers[0].model
+        heads = model.key_heads() if self.site.which == "k" else model.shapes.num_heads
+        fits = [lay for lay, axis in (("BHLD", 1), ("BLHD", 2)) if t.ndim == 4 and t.shape[axis] == heads]
+        known = next((r.layouts[self.kind] for r in records if self.kind in r.layouts), None)
+        if len(fits) == 1 and known not in (None, fits[0]):
+            raise HookNotRunError(f"SafeRoPE ({self.layers[0].name}): the QK-norms of the {self.kind} blocks changed "
+                                  f"layout within one model call ({known}, then {fits[0]} at {self.name})")
+        if len(fits) == 1 or (len(fits) == 2 and known is not None):
+            layout = fits[0] if len(fits) == 1 else known
+            for r in records:
+                r.layouts[self.kind] = layout
+            return layout
+        if not fits:
+            raise HookNotRunError(f"SafeRoPE ({self.layers[0].name}): {self._where} gave a tensor of shape "
+                                  f"{tuple(t.shape)} without an axis of the model's {heads} heads; refusing to run "
+                                  "unprotected")
+        raise HookNotRunError(f"SafeRoPE ({self.layers[0].name}): {self._where} saw as many tokens as heads "
+                              f"({heads}) in the first QK-norm of its blocks in this call, so heads and tokens "
+                              "cannot be told apart; refusing to guess")
+
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self._norm(*args, **kwargs)
         pair = self.site.which == "qk"
         tensors = list(out) if pair else [out]  # (q, k) or x
-        views = [t.transpose(1, 2) if self.site.layout == "BLHD" else t for t in tensors]  # -> (B, H, L, D)
-        L = int(views[0].shape[2])
         records = [record_for(layer, self._where) for layer in self.layers]
+        blhd = self._layout(tensors[0], records) == "BLHD"
+        views = [t.transpose(1, 2) if blhd else t for t in tensors]  # -> (B, H, L, D)
+        L = int(views[0].shape[2])
         if self.probe is not None:
             for rec in records:
                 rec.lengths[self.probe] = L  # the tokens of this stream in this call
@@ -203,14 +236,15 @@ class NormPatch:
                 continue
             stream = self.site.stream
             txt_len = L if stream == "txt" else 0 if stream == "img" else rec.text_length(self.kind, L)
+            img_first = stream == "joint" and layer.model.img_first(self.kind)
             if pair:
                 views = list(layer.transform_qk(self.kind, self.index, views[0], views[1], txt_len=txt_len,
-                                                stream=stream, record=rec))
+                                                img_first=img_first, stream=stream, record=rec))
             else:
                 views = [layer.transform(self.kind, self.index, self.site.which, views[0], txt_len=txt_len,
-                                         stream=stream, record=rec)]
+                                         img_first=img_first, stream=stream, record=rec)]
             rec.seen.add(self.name)
-        outs = [t.transpose(1, 2) if self.site.layout == "BLHD" else t for t in views]
+        outs = [t.transpose(1, 2) if blhd else t for t in views]
         return tuple(outs) if pair else outs[0]
 
 

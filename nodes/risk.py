@@ -57,26 +57,28 @@ class RiskReport:
         return torch.stack([c.txt_rho.nan_to_num(0.0) for c in self.columns]).amax(0)
 
 
-def _reduce(entries: dict[str, tuple[Tensor, Tensor, int]]) -> tuple[Tensor, Tensor, Tensor, int]:
-    """q and k of one stream -> per-token ``(rho_max (L,), gated_any (L,), gated_share (L,), txt_len)``."""
+def _reduce(entries: dict[str, tuple[Tensor, Tensor, int, bool]]) -> tuple[Tensor, Tensor, Tensor, int, bool]:
+    """q and k of one stream -> per-token ``(rho_max (L,), gated_any (L,), gated_share (L,), txt_len, img_first)``."""
     rhos, gates, shares = [], [], []
-    txt_len = 0
-    for rho, gate, t in entries.values():  # (B, n, L) each; n differs for q and k under GQA
+    txt_len, img_first = 0, False
+    for rho, gate, t, flip in entries.values():  # (B, n, L) each; n differs for q and k under GQA
         rhos.append(rho.float().amax(dim=(0, 1)))
         gates.append(gate.any(dim=1).any(dim=0))
         shares.append(gate.float().mean(dim=(0, 1)))
-        txt_len = t
-    return (torch.stack(rhos).amax(0), torch.stack(gates).any(0), torch.stack(shares).mean(0), txt_len)
+        txt_len, img_first = t, flip
+    return (torch.stack(rhos).amax(0), torch.stack(gates).any(0), torch.stack(shares).mean(0), txt_len, img_first)
 
 
 def _split(streams: dict[str, dict]) -> tuple[tuple[Tensor, Tensor, Tensor], tuple[Tensor, Tensor, Tensor]]:
     """One block's streams -> (text part, image part), each ``(rho (T,), gated (T,), share (T,))``."""
     parts: dict[str, list] = {"txt": [], "img": []}
     for stream, entries in streams.items():
-        rho, gated, share, t = _reduce(entries)
+        rho, gated, share, t, img_first = _reduce(entries)
         if stream == "joint":
-            parts["txt"].append((rho[:t], gated[:t], share[:t]))
-            parts["img"].append((rho[t:], gated[t:], share[t:]))
+            a = rho.shape[0] - t if img_first else 0  # where the text tokens start
+            txt, img = slice(a, a + t), (slice(0, a) if img_first else slice(t, None))
+            parts["txt"].append((rho[txt], gated[txt], share[txt]))
+            parts["img"].append((rho[img], gated[img], share[img]))
         else:
             parts[stream].append((rho, gated, share))
     out = []
@@ -102,17 +104,17 @@ class RiskCollector:
 
     def __init__(self) -> None:
         self.closed = False
-        # (layer token, kind, index) -> stream -> which -> (rho, gate, txt_len)
-        self._parts: dict[tuple[str, str, int], dict[str, dict[str, tuple[Tensor, Tensor, int]]]] = {}
+        # (layer token, kind, index) -> stream -> which -> (rho, gate, txt_len, img_first)
+        self._parts: dict[tuple[str, str, int], dict[str, dict[str, tuple[Tensor, Tensor, int, bool]]]] = {}
 
     def add(self, layer: SafeRoPELayer, kind: str, index: int, stream: str, which: str, rho: Tensor, gate: Tensor,
-            *, txt_len: int, rotated: bool) -> None:
+            *, txt_len: int, rotated: bool, img_first: bool = False) -> None:
         if self.closed:
             return
         if not rotated:  # scores only: nothing was rotated, so nothing counts as gated
             gate = torch.zeros_like(gate)
         self._parts.setdefault((layer.token, kind, index), {}).setdefault(stream, {})[which] = (
-            rho.detach().cpu(), gate.detach().cpu(), txt_len)
+            rho.detach().cpu(), gate.detach().cpu(), txt_len, img_first)
 
     def close(self) -> None:
         self.closed = True

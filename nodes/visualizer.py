@@ -82,6 +82,8 @@ class SafeRoPELRSVisualizer:
         lf = model.get_model_object("latent_format")
         down = int(getattr(lf, "spacial_downscale_ratio", 8))  # FLUX's VAE: 8 (attribute absent before 0.4)
         latent = torch.zeros(1, lf.latent_channels, max(1, height // down), max(1, width // down))  # (1, C, h, w)
+        if getattr(lf, "latent_dimensions", 2) == 3:  # e.g. Qwen-Image (Wan 2.1 latents): (1, C, 1, h, w), as KSampler makes it
+            latent = latent.unsqueeze(2)
         noise = comfy.sample.prepare_noise(latent, seed)
         ms = model.get_model_object("model_sampling")
         sigma = min(float(ms.percent_to_sigma(noise_level)), float(ms.sigma_max))

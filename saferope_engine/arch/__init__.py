@@ -87,7 +87,10 @@ class NormSite:
             Flux ``QKNorm``), else ``"q"`` or ``"k"`` for a module normalising one tensor.
         stream: the tokens the module sees: ``"txt"``, ``"img"`` or ``"joint"`` (both, in the
             kind's token order).
-        layout: ``"BHLD"`` (batch, heads, tokens, head dim) or ``"BLHD"``.
+        layout: ``"BHLD"`` (batch, heads, tokens, head dim) or ``"BLHD"``. diffusers sites are used as
+            given; in ComfyUI it is the layout of the version read for the registry, and the pack
+            finds the head axis in every tensor (ComfyUI's Qwen-Image code moved from ``BLHD`` to
+            ``BHLD`` between 0.3.64 and 0.20).
     """
 
     path: str
@@ -146,6 +149,10 @@ class HostKind:
         attn1: ComfyUI only: ``(block_type, path)`` when ComfyUI calls ``attn1_patch`` for this
             kind with joint text-first q/k, ``transformer_options["block_type"] == block_type``;
             ``path`` is the module (from the block, ``""`` = the block) whose ``forward`` makes the call.
+        flip: ComfyUI only: attribute path (from the diffusion model) that a ComfyUI version sets
+            true when it builds this kind's joint sequence in the other order than ``order`` (older
+            ComfyUI ran HunyuanVideo-code models image first: ``double_blocks.0.flipped_img_txt``).
+            Read from the model object when the pack recognises it; absent or false: ``order``.
     """
 
     kind: str
@@ -157,6 +164,7 @@ class HostKind:
     order: str = "txt_first"
     length: Length | None = None
     attn1: tuple[str, str] | None = None
+    flip: str | None = None
 
     def __post_init__(self) -> None:
         if self.order not in _ORDERS:

@@ -2,10 +2,11 @@
 
 Each block normalises the image stream (``attn.norm_q``/``norm_k``) and the text stream
 (``attn.norm_added_q``/``norm_added_k``) separately, one RMSNorm per q and k, then joins them text
-first. ComfyUI ``comfy.model_base.QwenImage`` (``comfy.ldm.qwen_image``): ``(B, H, L, D)`` at the norms,
-and from 0.20 the attention calls ``attn1_patch`` with the joint q/k (``block_type`` "double",
-``img_slice``); diffusers ``QwenImageTransformer2DModel``: ``(B, L, H, D)``. Edit models' reference
-images are image tokens.
+first. ComfyUI ``comfy.model_base.QwenImage`` (``comfy.ldm.qwen_image``): ``(B, H, L, D)`` at the norms
+from 0.20 (``(B, L, H, D)`` in 0.3.64: the pack reads the head axis off the tensors), and from 0.20
+the attention calls ``attn1_patch`` with the joint q/k (``block_type`` "double", ``img_slice``);
+diffusers ``QwenImageTransformer2DModel``: ``(B, L, H, D)``. Edit models' reference images are
+image tokens.
 """
 
 from __future__ import annotations
