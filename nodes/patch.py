@@ -282,7 +282,8 @@ class DiffusionModelWrapper:
             logger.debug("SafeRoPE: could not inspect the model call for block replacements", exc_info=True)
             suspects = []
         range_ = f"{self.layer.start_percent:g}–{self.layer.end_percent:g}"
-        remedy = ("Remedy: remove or bypass that node, switch it off (TeaCache rel_l1_thresh 0, First Block Cache "
+        which = "that node" if suspects else "such a node"
+        remedy = (f"Remedy: remove or bypass {which}, switch it off (TeaCache rel_l1_thresh 0, First Block Cache "
                   "residual_diff_threshold 0), or limit its start/end so that it never skips blocks while SafeRoPE "
                   f"is active (Apply SafeRoPE's start_percent–end_percent: {range_}). ")
         if suspects:
