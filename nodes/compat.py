@@ -16,15 +16,24 @@ ComfyUI fork or a release we never saw gets the same treatment as the ones we te
   (:attr:`~saferope_engine.arch.HostKind.flip`: ComfyUI before 0.14 ran HunyuanImage 2.1 image first).
 * :func:`sigma_range` converts start/end percent to sigmas the way ComfyUI's own nodes do
   (``model_sampling.percent_to_sigma``).
+* :func:`torch_compile_wrapper` tells whether a model call runs under ComfyUI's torch.compile
+  wrapper (TorchCompileModel), from the call's ``transformer_options["wrappers"]``.
+* :func:`skip_suspects` names, from inside a model call, what took blocks out of ComfyUI's own
+  block loop (a replaced ``forward_orig``, ``patches_replace`` entries, foreign block classes)
+  and the custom node pack it comes from — for the message of a hook that did not run.
 
 ComfyUI modules are imported lazily so that this file imports without ComfyUI (CI).
 """
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Mapping
+
+import torch
 
 from ..saferope_engine import arch as archs
 from ..saferope_engine.errors import UnsupportedModelError
@@ -138,3 +147,91 @@ def sigma_range(model: Any, start_percent: float, end_percent: float) -> tuple[f
                          f"end_percent={end_percent}")
     ms = model.get_model_object("model_sampling")
     return float(ms.percent_to_sigma(start_percent)), float(ms.percent_to_sigma(end_percent))
+
+
+# -- what else acts on a model call (for error messages and the torch.compile check) -----------------
+#: ``comfy_api.torch_helpers.torch_compile.COMPILE_KEY``: the key of the APPLY_MODEL wrapper that
+#: ComfyUI's TorchCompileModel (``set_torch_compile_wrapper``) installs; used only if that import fails.
+_COMPILE_KEY_FALLBACK = "torch.compile"
+_APPLY_MODEL_FALLBACK = "apply_model"
+
+
+def _compile_keys() -> tuple[str, str]:
+    try:
+        from comfy.patcher_extension import WrappersMP  # type: ignore[import-not-found]
+        apply_model = WrappersMP.APPLY_MODEL
+    except ImportError:
+        apply_model = _APPLY_MODEL_FALLBACK
+    try:
+        from comfy_api.torch_helpers.torch_compile import COMPILE_KEY  # type: ignore[import-not-found]
+    except ImportError:
+        COMPILE_KEY = _COMPILE_KEY_FALLBACK
+    return apply_model, COMPILE_KEY
+
+
+def torch_compile_wrapper(transformer_options: Mapping[str, Any]) -> str | None:
+    """``"<wrapper type>/<key>"`` of ComfyUI's torch.compile wrapper when this model call runs compiled."""
+    apply_model, key = _compile_keys()
+    wrappers = transformer_options.get("wrappers", {})
+    found = wrappers.get(apply_model, {}) if isinstance(wrappers, Mapping) else {}
+    return f"{apply_model}/{key}" if isinstance(found, Mapping) and found.get(key) else None
+
+
+def custom_node_pack(fn: Any) -> str | None:
+    """Folder under ``custom_nodes`` that defines ``fn`` (a function, bound method or callable object)."""
+    f = inspect.unwrap(getattr(fn, "__func__", fn))
+    code = getattr(f, "__code__", None) or getattr(getattr(type(f), "__call__", None), "__code__", None)
+    parts = Path(code.co_filename).parts if code is not None else ()
+    for i, part in enumerate(parts[:-1]):
+        if part == "custom_nodes":
+            return parts[i + 1]
+    return None
+
+
+def describe_callable(fn: Any) -> str:
+    """``name`` of a callable plus where it comes from: a custom node pack, else its module."""
+    f = inspect.unwrap(getattr(fn, "__func__", fn))
+    name = getattr(f, "__qualname__", None) or type(f).__qualname__
+    pack = custom_node_pack(f)
+    if pack is not None:
+        return f"{name} from custom node pack {pack!r}"
+    return f"{name} ({getattr(f, '__module__', None) or type(f).__module__})"
+
+
+def _site_block(site: str) -> tuple[str, int]:
+    kind, index = site.split(":", 1)[0].split(".")[:2]  # "double.3:txt_attn.norm", "single.7"
+    return kind, int(index)
+
+
+def skip_suspects(diffusion_model: Any, transformer_options: Mapping[str, Any], missing: list[str],
+                  model: ComfyModel | None = None) -> list[str]:
+    """What, seen from inside a model call, replaces or skips the blocks whose hooks did not run.
+
+    Looks for the ways node packs take blocks out of ComfyUI's own block loop: a replaced
+    ``forward_orig``/``_forward``/``forward`` on the diffusion model instance (block caches such as
+    TeaCache and WaveSpeed's First Block Cache swap ``forward_orig`` for the duration of the call),
+    ``patches_replace["dit"]`` entries for those blocks, and blocks whose class comes from a custom
+    node pack or whose ``forward`` is replaced on the instance.
+    """
+    found: list[str] = []
+    own = vars(diffusion_model) if diffusion_model is not None and hasattr(diffusion_model, "__dict__") else {}
+    for name in ("forward_orig", "_forward", "forward"):
+        if callable(own.get(name)):
+            found.append(f"the diffusion model's {name} is replaced during this call by {describe_callable(own[name])}")
+    patches = transformer_options.get("patches_replace", {})
+    dit = patches.get("dit", {}) if isinstance(patches, Mapping) else {}
+    for kind, index in sorted({_site_block(s) for s in missing}):
+        fn = dit.get((f"{kind}_block", index)) if isinstance(dit, Mapping) else None
+        if fn is not None:
+            found.append(f"{kind} block {index} is replaced by patches_replace['dit'][('{kind}_block', {index})] = "
+                         f"{describe_callable(fn)}")
+        attr = model.kind(kind).blocks if model is not None else f"{kind}_blocks"
+        lst = getattr(diffusion_model, attr, None)
+        block = lst[index] if isinstance(lst, torch.nn.ModuleList) and index < len(lst) else None
+        if block is None:
+            continue
+        if custom_node_pack(type(block).forward) is not None:
+            found.append(f"{kind} block {index} is a {describe_callable(type(block).forward)}")
+        elif callable(vars(block).get("forward")):
+            found.append(f"{kind} block {index}'s forward is replaced by {describe_callable(vars(block)['forward'])}")
+    return found

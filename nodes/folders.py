@@ -48,10 +48,30 @@ def adapter_names() -> list[str]:
 
 
 def adapter_path(name: str) -> str:
-    """Absolute path of an adapter listed by :func:`adapter_names`; raises naming the folders searched."""
+    """Absolute path of an adapter listed by :func:`adapter_names`; raises naming the folders searched.
+
+    An entry that is listed but cannot be read as a file is named for what it is: a broken symbolic
+    link (with the path it points to) or something other than a regular file.
+    """
     fp = folder_paths_module()
     path = None if fp is None else fp.get_full_path(FOLDER, name)
     if path is None:
         where = fp.get_folder_paths(FOLDER) if fp is not None else "(ComfyUI not running)"
+        for folder in where if fp is not None else ():
+            what = _unusable_entry(os.path.join(folder, os.path.normpath(os.path.join(os.sep, name)).lstrip(os.sep)))
+            if what:
+                raise FileNotFoundError(f"SafeRoPE adapter {name!r}: {what}")
         raise FileNotFoundError(f"SafeRoPE adapter {name!r} not found in {where}")
     return path
+
+
+def _unusable_entry(path: str) -> str | None:
+    """Why ``path`` exists as a directory entry but is not a readable file, or ``None``."""
+    if os.path.islink(path) and not os.path.exists(path):
+        target = os.readlink(path)
+        resolved = os.path.normpath(os.path.join(os.path.dirname(path), target))
+        return (f"{path} is a broken symbolic link pointing to {target!r} ({resolved}), which does not exist; "
+                "fix the link or remove it")
+    if os.path.exists(path) and not os.path.isfile(path):
+        return f"{path} is not a regular file (a directory or a device); adapters are .safetensors files"
+    return None

@@ -29,8 +29,10 @@ def apply_saferope(model: Any, adapter: SafeRoPEAdapter, *, strength: float = 1.
     """Return a clone of ``model`` with ``adapter`` applied; ``model`` itself is left as it was.
 
     Args:
-        mode: ``None`` picks ``"attn1"`` when every block kind of the model calls attn1_patch, else
-            ``"object"``. Forcing ``"object"`` is allowed everywhere (tests compare the two).
+        mode: ``None`` or ``"object"``: per-clone object patches of the QK-norm modules, on every
+            ComfyUI and family (they keep working under torch.compile, see :mod:`.patch`).
+            ``"attn1"``: ComfyUI's attn1_patch, only where every block kind calls it; such a layer
+            refuses to run under ComfyUI's torch.compile wrapper. Tests compare the two.
     Raises:
         UnsupportedModelError: the model is of no supported family (the message names what it is).
         IncompatibleAdapterError: the adapter is of another family, or its shapes differ from the model's.
@@ -42,7 +44,7 @@ def apply_saferope(model: Any, adapter: SafeRoPEAdapter, *, strength: float = 1.
     info = comfy_model(model)
     adapter.check_compatible(info.shapes)
     if mode is None:
-        mode = "attn1" if info.attn1_patch else "object"
+        mode = "object"  # not attn1 even where the blocks call it: see "torch.compile" in .patch
     if mode == "attn1" and not info.attn1_patch:
         raise SafeRoPEError(f"this ComfyUI's {info.family.name} blocks do not call attn1_patch; use the object-patch mode")
     sigma_start, sigma_end = sigma_range(model, start_percent, end_percent)

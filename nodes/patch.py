@@ -1,15 +1,15 @@
 """The hook objects that put SafeRoPE between ComfyUI's QK-norm and RoPE, and fail closed.
 
-Two ways in, chosen per model by :func:`.compat.comfy_model` (see :mod:`.install`), with every
-family-specific fact from the engine's registry (:mod:`saferope_engine.arch`):
+Two ways in (see :mod:`.install`), with every family-specific fact from the engine's registry
+(:mod:`saferope_engine.arch`):
 
-* ``attn1`` — :class:`Attn1Patch`, registered with ``clone.set_model_attn1_patch``. Where the
+* ``attn1`` (on request) — :class:`Attn1Patch`, registered with ``clone.set_model_attn1_patch``. Where the
   family's blocks call it (Flux-style blocks from ComfyUI 0.17, Qwen-Image's attention by 0.20) it
   runs right after QK-norm, before RoPE, with joint ``(B, H, L, D)`` q/k (text tokens first) and
   ``extra_options`` holding ``block_type``, ``block_index`` and ``img_slice = [txt_len, L]``.
-* ``object`` — :class:`NormPatch`, a per-clone object patch of one QK-norm module's ``forward``
+* ``object`` (the default) — :class:`NormPatch`, a per-clone object patch of one QK-norm module's ``forward``
   (e.g. Flux ``double_blocks.i.txt_attn.norm``, Qwen-Image ``….attn.norm_added_q``, Z-Image
-  ``layers.j.attention.q_norm``) for families and versions whose blocks do not call attn1_patch.
+  ``layers.j.attention.q_norm``), on every ComfyUI and family.
   A module that sees one stream is transformed on its own (the transform is per token, so this
   is the same math); a module that sees the joint sequence learns its split from a *probe*: the
   length seen by the last block of the kind the registry names (e.g. the text stream of Flux's
@@ -29,6 +29,26 @@ Both are paired with a :class:`DiffusionModelWrapper` (one per layer, registered
    run while the layer was active — e.g. another node replaced a block, a cache skipped blocks,
    or this ComfyUI does not call the hook we rely on. Outside the range nothing is expected.
 
+**torch.compile.** An object patch lives on a module instance, so torch.compile's guards see it:
+a graph traced for the plain model is not reused for a protected clone (nor one traced for
+another strength/threshold: each Apply makes new patch objects), and the other way round. An
+attn1_patch lives in ``transformer_options``, whose guards ComfyUI 0.20.1's TorchCompileModel
+filters out — there a graph traced without the hook is reused and the hook silently never runs
+(caught by the check above). That is why ``object`` is the default on every ComfyUI and family,
+and why an ``attn1`` layer refuses a call that runs under ComfyUI's torch.compile wrapper. The
+hooks and the wrapper are excluded from compiled graphs (:func:`eager`): their bookkeeping runs as
+Python on every call, the diffusion model around them is compiled as usual.
+
+**Block caches are refused, always.** TeaCache, WaveSpeed's First Block Cache and the like
+swap the model's ``forward_orig`` and, on cached steps, add a residual saved at an earlier step
+instead of running (some of) the blocks. Nothing here can prove that the saved residual came
+from a call protected by this same layer (the cache's state is the pack's own), so a step on
+which a patched block did not run raises while the layer is active; the message names what
+replaced the blocks (:func:`.compat.skip_suspects`: a replaced ``forward_orig``, a
+``patches_replace`` entry, a foreign block class, with the custom node pack it comes from) and
+the remedy. Steps on which the cache runs every block are protected normally, and so are steps
+outside the layer's start/end range.
+
 A hook that runs without its wrapper's record (the model was called outside ComfyUI's sampler
 machinery) raises as well: without the record it cannot know the noise level or text length.
 """
@@ -47,6 +67,7 @@ from torch import Tensor
 
 from ..saferope_engine import arch as archs
 from ..saferope_engine.errors import HookNotRunError, SafeRoPEError
+from .compat import skip_suspects, torch_compile_wrapper
 from .layer import SafeRoPELayer, site_name
 
 logger = logging.getLogger(__name__)
@@ -116,6 +137,17 @@ class CallRecord:
         return sorted(self.layer.sites() - self.seen) if self.active else []
 
 
+def eager(fn: Callable, *, recursive: bool = True) -> Callable:
+    """``fn`` kept out of torch.compile graphs: dynamo calls it as plain Python on every call.
+
+    The hooks' bookkeeping (per-call record, sites seen, text length) must happen on every model
+    call, not once at trace time. ``recursive=False`` (the DIFFUSION_MODEL wrapper) leaves the
+    functions it calls — the diffusion model itself — to be compiled as usual.
+    """
+    disable = getattr(getattr(torch, "compiler", None), "disable", None)
+    return fn if disable is None else disable(fn, recursive=recursive)
+
+
 def record_for(layer: SafeRoPELayer, where: str) -> CallRecord:
     """The record of ``layer`` for the model call in progress; raises when there is none."""
     rec = _CALLS.get().get(layer.token)
@@ -134,6 +166,7 @@ class Attn1Patch:
         self.layer = layer
         self.kinds = layer.model.attn1_kinds()  # block_type -> kind
 
+    @eager
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, pe: Any = None, attn_mask: Any = None,
                  extra_options: Mapping[str, Any] | None = None, **_: Any) -> dict[str, Tensor]:
         opts = extra_options or {}
@@ -220,6 +253,7 @@ class NormPatch:
                               f"({heads}) in the first QK-norm of its blocks in this call, so heads and tokens "
                               "cannot be told apart; refusing to guess")
 
+    @eager
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         out = self._norm(*args, **kwargs)
         pair = self.site.which == "qk"
@@ -280,6 +314,16 @@ class DiffusionModelWrapper:
 
     def __call__(self, executor: Callable, *args: Any, **kwargs: Any) -> Any:
         opts = _transformer_options(args, kwargs)
+        if self.layer.mode == "attn1":
+            compiled = torch_compile_wrapper(opts)
+            if compiled is not None:
+                raise SafeRoPEError(
+                    f"SafeRoPE ({self.layer.name}): this model call runs under torch.compile ({compiled} wrapper, "
+                    "e.g. the TorchCompileModel node) and the layer was applied with mode='attn1', whose hook lives "
+                    "in transformer_options; ComfyUI's TorchCompileModel drops torch.compile's guards on "
+                    "transformer_options, so a graph traced for another model can run without the hook. Apply "
+                    "SafeRoPE with the default hook (QK-norm object patches: apply_saferope(..., mode=None), what "
+                    "the Apply SafeRoPE node does), or remove TorchCompileModel from the workflow.")
         sink = _SINK.get()
         # the full range is active at every sigma: no need to read them (a device sync)
         active = self.layer.full_range or self.layer.active_at(_sigmas(args, opts))
@@ -294,14 +338,34 @@ class DiffusionModelWrapper:
         if rec.sink is not None:
             rec.sink.close()  # the visualizer reads one model call
         missing = rec.missing()
-        if missing:
-            how = "attn1_patch" if self.layer.mode == "attn1" else "QK-norm object patch"
-            raise HookNotRunError(
-                f"SafeRoPE ({self.layer.name}): the {how} did not run for {missing} during this model call "
-                "although the adapter is active at this noise level — another node may have replaced or "
-                "skipped these blocks (block replacement, caching), or this ComfyUI does not call the hook. "
-                "Refusing to return an unprotected result.")
+        if missing:  # still inside the call: whatever swapped the model's forward for it is visible
+            raise HookNotRunError(self._not_run_message(missing, getattr(executor, "class_obj", None), opts))
         return out
+
+    def _not_run_message(self, missing: list[str], diffusion_model: Any, opts: Mapping[str, Any]) -> str:
+        how = "attn1_patch" if self.layer.mode == "attn1" else "QK-norm object patch"
+        head = (f"SafeRoPE ({self.layer.name}): the {how} did not run for {missing} during this model call "
+                "although the adapter is active at this noise level. ")
+        try:
+            suspects = skip_suspects(diffusion_model, opts, missing, self.layer.model)
+        except Exception:  # noqa: BLE001 - a failed diagnosis must not hide the refusal itself
+            logger.debug("SafeRoPE: could not inspect the model call for block replacements", exc_info=True)
+            suspects = []
+        range_ = f"{self.layer.start_percent:g}–{self.layer.end_percent:g}"
+        which = "that node" if suspects else "such a node"
+        remedy = (f"Remedy: remove or bypass {which}, switch it off (TeaCache rel_l1_thresh 0, First Block Cache "
+                  "residual_diff_threshold 0), or limit its start/end so that it never skips blocks while SafeRoPE "
+                  f"is active (Apply SafeRoPE's start_percent–end_percent: {range_}). ")
+        if suspects:
+            cause = ("Likely cause: " + "; ".join(suspects) + ". A block cache (TeaCache, First Block Cache, …) or "
+                     "block-replacing node reuses or recomputes these blocks without SafeRoPE's hook, so their output "
+                     "is not protected. " + remedy)
+        else:
+            cause = ("Another node may have replaced or skipped these blocks (a block cache such as TeaCache or "
+                     "First Block Cache, a block replacement), or this ComfyUI does not call the hook. " + remedy)
+        return head + cause + "Refusing to return an unprotected result."
+
+    __call__ = eager(__call__, recursive=False)  # the model it runs is compiled as usual
 
     def to(self, *args: Any, **kwargs: Any) -> "DiffusionModelWrapper":
         return self

@@ -140,6 +140,23 @@ def test_loader_loads_and_names_the_file_of_a_bad_adapter(fake_folder_paths, tmp
         loader.load("gone.safetensors")
 
 
+def test_a_broken_symlink_or_a_folder_is_named_for_what_it_is(fake_folder_paths, tmp_path):
+    folders.register()
+    d = Path(fake_folder_paths.models_dir) / "saferope"
+    d.mkdir(parents=True)
+    (d / "dangling.safetensors").symlink_to(tmp_path / "moved" / "adapter.safetensors")
+    (d / "dir.safetensors").mkdir()
+    loader = PACK.NODE_CLASS_MAPPINGS["SafeRoPEAdapterLoader"]()
+    assert "dangling.safetensors" in folders.adapter_names()  # listed, as ComfyUI lists it
+    with pytest.raises(FileNotFoundError) as e:
+        loader.load("dangling.safetensors")
+    assert "is a broken symbolic link pointing to" in str(e.value) and str(tmp_path / "moved" / "adapter.safetensors") in str(e.value)
+    with pytest.raises(FileNotFoundError, match="dir.safetensors is not a regular file"):
+        loader.load("dir.safetensors")
+    with pytest.raises(FileNotFoundError, match="'gone.safetensors' not found in"):
+        loader.load("gone.safetensors")
+
+
 def test_loader_reloads_when_the_file_changes(fake_folder_paths):
     folders.register()
     d = Path(fake_folder_paths.models_dir) / "saferope"

@@ -184,37 +184,53 @@ def run(patcher: Patcher, q: torch.Tensor, k: torch.Tensor, sigma: float = 0.5) 
                 setattr(mod, attr, old)
 
 
-@pytest.fixture(params=["attn1", "object"])
-def model(request) -> Patcher:
-    return Patcher(Base(new=request.param == "attn1"))
+#: (blocks call attn1_patch, mode passed to apply_saferope): both hooks where the blocks offer both
+CASES = {"new-blocks-object": (True, None), "new-blocks-attn1": (True, "attn1"), "old-blocks-object": (False, None)}
 
 
-def test_hook_choice_follows_the_block_classes(model):
+@pytest.fixture(params=list(CASES))
+def case(request) -> tuple[Patcher, str | None]:
+    new, mode = CASES[request.param]
+    return Patcher(Base(new=new)), mode
+
+
+@pytest.fixture
+def model(case) -> Patcher:
+    return case[0]
+
+
+@pytest.fixture
+def mode(case) -> str | None:
+    return case[1]
+
+
+def test_object_patches_are_the_default_and_attn1_is_used_on_request(model, mode):
     info = comfy_model(model)
     assert info.shapes == ModelShapes("flux1", H, D, {"double": NUM_DOUBLE, "single": NUM_SINGLE})
-    p = apply_saferope(model, make_adapter())
-    assert layers_of(p)[0].mode == ("attn1" if info.attn1_patch else "object")
-    if info.attn1_patch:
+    p = apply_saferope(model, make_adapter(), mode=mode)
+    assert layers_of(p)[0].mode == (mode or "object")
+    if mode == "attn1":
+        assert info.attn1_patch
         assert p.object_patches == {} and len(p.model_options["transformer_options"]["patches"]["attn1_patch"]) == 1
-    else:
+    else:  # on every ComfyUI, also where the blocks call attn1_patch (torch.compile sees object patches)
         assert "attn1_patch" not in p.model_options["transformer_options"].get("patches", {})
         assert set(p.object_patches) == {  # both streams of double.1, single.0, the text-length probe on the last double
             "diffusion_model.double_blocks.1.txt_attn.norm.forward", "diffusion_model.double_blocks.1.img_attn.norm.forward",
             "diffusion_model.double_blocks.2.txt_attn.norm.forward", "diffusion_model.single_blocks.0.norm.forward"}
 
 
-def test_apply_works_on_a_clone_and_leaves_the_input_untouched(model):
+def test_apply_works_on_a_clone_and_leaves_the_input_untouched(model, mode):
     before = (dict(model.object_patches), copy.deepcopy(model.model_options), copy.deepcopy(model.wrappers))
-    p = apply_saferope(model, make_adapter())
+    p = apply_saferope(model, make_adapter(), mode=mode)
     assert p is not model and layers_of(p) and not layers_of(model)
     assert (model.object_patches, model.model_options, model.wrappers) == before
 
 
-def test_protected_call_equals_the_engine_and_the_original_is_unchanged(model):
+def test_protected_call_equals_the_engine_and_the_original_is_unchanged(model, mode):
     a = make_adapter()
     q, k = risky(a, "single", 0, T + N)
     base = run(model, q, k)
-    prot = run(apply_saferope(model, a), q, k)
+    prot = run(apply_saferope(model, a, mode=mode), q, k)
     nq, nk = base[("single", 0)]
     ref_q, _ = a.apply_qk("single", 0, nq, nk, txt_len=T)
     torch.testing.assert_close(prot[("single", 0)][0], ref_q, rtol=0, atol=1e-6)
@@ -224,10 +240,10 @@ def test_protected_call_equals_the_engine_and_the_original_is_unchanged(model):
     assert all(torch.equal(again[key][0], base[key][0]) for key in base)
 
 
-def test_two_apply_nodes_compose(model):
+def test_two_apply_nodes_compose(model, mode):
     a, b = make_adapter(seed=0), make_adapter(seed=4, blocks=(("single", 0),), threshold=0.05)
     q, k = risky(a, "single", 0, T + N)
-    both = run(apply_saferope(apply_saferope(model, a), b), q, k)[("single", 0)][0]
+    both = run(apply_saferope(apply_saferope(model, a, mode=mode), b, mode=mode), q, k)[("single", 0)][0]
     nq, nk = run(model, q, k)[("single", 0)]
     qa, ka = a.apply_qk("single", 0, nq, nk, txt_len=T)
     qab, _ = b.apply_qk("single", 0, qa, ka, txt_len=T)
@@ -235,8 +251,8 @@ def test_two_apply_nodes_compose(model):
     assert not torch.equal(qab, qa)
 
 
-def test_removed_hook_fails_closed(model):
-    p = apply_saferope(model, make_adapter())
+def test_removed_hook_fails_closed(model, mode):
+    p = apply_saferope(model, make_adapter(), mode=mode)
     p.object_patches.clear()
     p.model_options["transformer_options"].pop("patches", None)
     with pytest.raises(HookNotRunError, match="did not run"):
@@ -254,10 +270,10 @@ def test_foreign_object_patch_on_a_norm_is_kept_and_run_first():
     assert calls == [1]
 
 
-def test_outside_the_range_the_model_runs_unprotected_on_purpose(model):
+def test_outside_the_range_the_model_runs_unprotected_on_purpose(model, mode):
     a = make_adapter()
     q, k = risky(a, "single", 0, T + N)
-    p = apply_saferope(model, a, start_percent=0.6, end_percent=1.0)  # sigma ≤ 0.4
+    p = apply_saferope(model, a, start_percent=0.6, end_percent=1.0, mode=mode)  # sigma ≤ 0.4
     assert torch.equal(run(p, q, k, sigma=0.9)[("single", 0)][0], run(model, q, k, sigma=0.9)[("single", 0)][0])
     assert not torch.equal(run(p, q, k, sigma=0.3)[("single", 0)][0], run(model, q, k, sigma=0.3)[("single", 0)][0])
 

@@ -70,19 +70,27 @@ SITES = {(hk.kind, n.stream): n for hk in FLUX.comfy.kinds for n in hk.norms}  #
 PROBE = ("double", "txt_attn.norm")  # the last double block's text norm tells the single blocks their split
 
 
+def probe(*layers: SafeRoPELayer, txt_len: int = T) -> None:
+    """Run the last double block's text norm patch (the split probe) inside a model call."""
+    x = torch.randn(1, H, txt_len, D)
+    NormPatch("double", NUM_DOUBLE - 1, SITES["double", "txt"], QKNorm(), layers, probe=PROBE)(x, x, x)
+
+
 def layer(adapter=None, **kw) -> SafeRoPELayer:
     return SafeRoPELayer(adapter or make_adapter(), MODEL, **kw)
 
 
-def call_model(wrappers, body, *, sigma=0.5, context_len=T):
-    """Run ``body(transformer_options)`` the way ComfyUI runs Flux._forward under DIFFUSION_MODEL wrappers."""
-    opts = {"sigmas": torch.tensor([sigma, sigma])}
+def call_model(wrappers, body, *, sigma=0.5, context_len=T, options=None, diffusion_model=None):
+    """Run ``body(transformer_options)`` the way ComfyUI runs Flux._forward under DIFFUSION_MODEL wrappers
+    (``WrapperExecutor.class_obj`` is the diffusion model; ``options`` are more transformer_options)."""
+    opts = {"sigmas": torch.tensor([sigma, sigma]), **(options or {})}
 
     def executor_at(i):
         def run(*args, **kwargs):
             if i == len(wrappers):
                 return body(args[7])
             return wrappers[i](executor_at(i + 1), *args, **kwargs)
+        run.class_obj = diffusion_model
         return run
 
     x = torch.zeros(2, 16, 4, 4)
@@ -178,6 +186,63 @@ def test_wrapper_passes_when_all_patched_blocks_ran_and_returns_the_model_output
     lay = layer()
     out = call_model([DiffusionModelWrapper(lay)], attn1_body([Attn1Patch(lay)], [("double", 1), ("single", 0)]))
     assert set(out) == {("double", 1), ("single", 0)}
+
+
+def foreign(name: str, pack: str):
+    """A function defined in ``custom_nodes/<pack>/nodes.py``, as a node pack's code is."""
+    scope: dict = {}
+    exec(compile(f"def {name}(*args, **kwargs):\n    return None\n", f"/comfy/custom_nodes/{pack}/nodes.py", "exec"), scope)
+    return scope[name]
+
+
+class FluxStandIn(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.double_blocks = torch.nn.ModuleList([torch.nn.Identity() for _ in range(NUM_DOUBLE)])
+        self.single_blocks = torch.nn.ModuleList([torch.nn.Identity() for _ in range(NUM_SINGLE)])
+
+
+def test_refusal_names_a_replaced_forward_orig_and_its_node_pack():
+    lay, dm = layer(), FluxStandIn()
+    dm.forward_orig = foreign("teacache_flux_forward", "ComfyUI-TeaCache").__get__(dm)  # as a cache does per call
+    with pytest.raises(HookNotRunError) as e:
+        call_model([DiffusionModelWrapper(lay)], lambda opts: None, diffusion_model=dm)
+    msg = str(e.value)
+    assert "['double.1', 'single.0'] during this model call" in msg
+    assert "forward_orig is replaced during this call by teacache_flux_forward from custom node pack " \
+           "'ComfyUI-TeaCache'" in msg
+    assert "Remedy: remove or bypass that node" in msg and "start_percent–end_percent: 0–1" in msg
+
+
+def test_refusal_names_a_block_replacement_of_a_missing_block_only():
+    lay, dm = layer(), FluxStandIn()
+    opts = {"patches_replace": {"dit": {("single_block", 0): foreign("skip", "SomeCache"),
+                                        ("double_block", 0): foreign("other", "Other")}}}
+    with pytest.raises(HookNotRunError) as e:
+        call_model([DiffusionModelWrapper(lay)], attn1_body([Attn1Patch(lay)], [("double", 1)]), options=opts,
+                   diffusion_model=dm)
+    msg = str(e.value)
+    assert "['single.0']" in msg and "single block 0 is replaced by patches_replace['dit'][('single_block', 0)] = " \
+        "skip from custom node pack 'SomeCache'" in msg
+    assert "Other" not in msg  # double block 0 ran (the adapter does not patch it)
+
+
+def test_refusal_without_a_suspect_says_what_may_have_happened():
+    lay = layer()
+    with pytest.raises(HookNotRunError, match="Another node may have replaced or skipped these blocks"):
+        call_model([DiffusionModelWrapper(lay)], lambda opts: None, diffusion_model=FluxStandIn())
+
+
+def test_attn1_layer_refuses_a_call_under_comfyui_torch_compile_and_object_layer_does_not():
+    compiled = {"wrappers": {"apply_model": {"torch.compile": [lambda executor, *a, **kw: executor(*a, **kw)]}}}
+    lay, ran = layer(), []
+    with pytest.raises(SafeRoPEError, match="torch.compile.*mode='attn1'.*remove TorchCompileModel"):
+        call_model([DiffusionModelWrapper(lay)], lambda opts: ran.append(1), options=compiled)
+    assert ran == []  # refused before the model ran
+    obj = layer(make_adapter(blocks=(("single", 0),)), mode="object")
+    p = NormPatch("single", 0, SITES["single", "joint"], QKNorm(), (obj,))
+    q = torch.randn(1, H, T + N, D)
+    call_model([DiffusionModelWrapper(obj)], lambda opts: (probe(obj), p(q, q, q)), options=compiled)
 
 
 def test_outside_the_sampling_range_nothing_changes_and_nothing_is_required():
@@ -332,6 +397,38 @@ def test_object_mode_requires_both_streams_of_a_double_block():
     q = torch.randn(1, H, T, D)
     with pytest.raises(HookNotRunError, match=r"double\.1:img_attn\.norm"):
         call_model([DiffusionModelWrapper(lay)], lambda opts: p(q, q, q))
+
+
+def test_object_patch_under_torch_compile_runs_on_every_call_and_per_clone():
+    """A compiled module whose QK-norm is object-patched after a plain run: torch.compile's guards see the
+    instance attribute (no stale graph without the hook), and the hook's bookkeeping runs on every call."""
+    a = make_adapter(blocks=(("single", 0),))
+
+    class Block(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.norm = QKNorm()
+
+        def forward(self, q, k):
+            q, k = self.norm(q, k, q)
+            return q * 2.0 + k
+
+    block = Block()
+    compiled = torch.compile(block, backend="eager")
+    q, k = risky(a, "single", 0, T + N)
+    plain = compiled(q, k)  # traced without the hook first
+    outs = {}
+    for strength in (1.0, 0.5):
+        lay = layer(a, mode="object", strength=strength)
+        block.norm.forward = NormPatch("single", 0, SITES["single", "joint"], block.norm, (lay,))  # as patch_model
+        for _ in range(2):
+            outs[strength] = call_model([DiffusionModelWrapper(lay)], lambda opts: (probe(lay), compiled(q, k))[1])
+        del block.norm.forward  # unpatch_model
+    nq, nk = block.norm(q, k, q)
+    ref = a.apply_qk("single", 0, nq, nk, txt_len=T)
+    torch.testing.assert_close(outs[1.0], ref[0] * 2.0 + ref[1], rtol=1e-6, atol=1e-6)
+    assert not torch.allclose(outs[1.0], plain) and not torch.allclose(outs[0.5], outs[1.0])
+    assert torch.equal(compiled(q, k), plain)  # and the plain module is plain again
 
 
 # -- risk collection ------------------------------------------------------------------------------------

@@ -18,14 +18,28 @@ def readme_commands() -> list[str]:
             for line in block.splitlines() if line.strip() and not line.strip().startswith("#")]
 
 
-def test_ci_runs_the_readme_test_command_first_then_the_comfyui_tests():
+def ci_lines() -> list[str]:
+    return [line.strip() for line in (ROOT / ".ci/run").read_text().splitlines()
+            if line.strip() and not line.strip().startswith("#")]
+
+
+def test_ci_runs_the_readme_test_command_first():
     cmds = readme_commands()
     tests = [c for c in cmds if "pytest" in c]
     assert len(tests) == 1, cmds
-    text = (ROOT / ".ci/run").read_text()
-    ci = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith(("#", "set ", "cd "))]
-    assert ci[0] == tests[0]  # verbatim, before anything else
-    assert "SAFEROPE_COMFY_NO_SKIP=1" in text and "pytest tests/comfy" in text
+    runs = [line for line in ci_lines() if "pytest" in line]
+    assert runs[0] == tests[0]  # verbatim, before the ComfyUI-backed tests
+
+
+def test_ci_runs_the_readme_comfyui_test_command_for_every_tree():
+    text = (ROOT / "README.md").read_text()
+    section = text.split("### Tests", 1)[1].split("\n### ", 1)[0]
+    cmds = [line.strip() for block in re.findall(r"```bash\n(.*?)```", section, re.S)
+            for line in block.splitlines() if "tests/comfy" in line and not line.strip().startswith("#")]
+    assert len(cmds) == 1, cmds
+    runs = [line for line in ci_lines() if "tests/comfy" in line]
+    assert len(runs) == 1 and runs[0].startswith(cmds[0]), (runs, cmds)  # CI adds only --junitxml
+    assert "SAFEROPE_COMFY_NO_SKIP=1" in cmds[0] and "pip install -q gguf" in cmds[0]
 
 
 def test_readme_main_command_is_the_toy_demo():

@@ -26,6 +26,8 @@ REPO = HERE.parents[1]
 
 import driver_assets  # noqa: E402  (helpers next to this script, imported before ComfyUI)
 import driver_scenarios  # noqa: E402
+import driver_compat  # noqa: E402,F401  (registers the compatibility scenarios, run after the others)
+import trees  # noqa: E402
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (HERE, REPO)]  # keep ComfyUI's namespace clean
 
@@ -34,7 +36,10 @@ def boot(comfy_path: str, work: Path) -> dict:
     """Import ComfyUI as main.py does (CPU, base directory under ``work``) and load all nodes."""
     base = work / "base"
     (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
-    for name, target in (("comfyui-saferope", REPO), ("saferope_test_support", HERE / "support_nodes")):
+    links = [("comfyui-saferope", REPO), ("saferope_test_support", HERE / "support_nodes")]
+    packs = trees.nodepacks_dir()
+    links += [(p.folder, packs / p.folder) for p in trees.PACKS.values() if (packs / p.folder).is_dir()]
+    for name, target in links:
         link = base / "custom_nodes" / name
         if not link.exists():
             link.symlink_to(target, target_is_directory=True)
@@ -48,7 +53,11 @@ def boot(comfy_path: str, work: Path) -> dict:
 
     t = time.time()
     failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    return {"init_s": round(time.time() - t, 2), "builtin_import_failed": list(failed or [])}
+    loaded = getattr(nodes, "LOADED_MODULE_DIRS", {})
+    third_party = {key: {"folder": p.folder, "present": (packs / p.folder).is_dir(), "loaded": p.folder in loaded}
+                   for key, p in trees.PACKS.items()}
+    return {"init_s": round(time.time() - t, 2), "builtin_import_failed": list(failed or []),
+            "nodepacks": str(packs), "third_party": third_party}
 
 
 def main() -> int:

@@ -132,4 +132,8 @@ def build(work: Path, tinyflux: ModuleType, engine: ModuleType) -> Assets:
         adapters[name] = engine.load_adapter(root / "adapters" / name)  # as the loader node sees them
     (root / "adapters" / "corrupt.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{bad json" + os.urandom(64))
     save_file({"double.0.heads": torch.arange(2)}, str(root / "adapters" / "no_metadata.safetensors"))
+    dangling = root / "adapters" / "dangling.safetensors"  # a broken symbolic link
+    if dangling.is_symlink():
+        dangling.unlink()
+    dangling.symlink_to(root / "moved" / "adapter.safetensors")
     return Assets(spec, model, comfy_sd, weights, adapters, root / "adapters")

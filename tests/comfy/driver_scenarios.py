@@ -15,6 +15,8 @@ from typing import Any, Callable
 
 import torch
 
+import workflow_check as wc  # pure Python, imported with the driver (before its folder leaves sys.path)
+
 SCENARIOS: dict[str, Callable[["Context"], dict]] = {}
 SECOND_TAU = 0.1
 
@@ -131,7 +133,7 @@ def load(c: Context) -> dict:
 @scenario
 def loader_errors(c: Context) -> dict:
     out = {}
-    for name in ("corrupt.safetensors", "no_metadata.safetensors", "absent.safetensors"):
+    for name in ("corrupt.safetensors", "no_metadata.safetensors", "absent.safetensors", "dangling.safetensors"):
         out[name] = error_of(lambda name=name: c.adapter(name))
     good = c.adapter("main.safetensors")
     out["good"] = {"blocks": len(good.blocks), "source": good.source}
@@ -275,18 +277,20 @@ def fail_closed(c: Context) -> dict:
 
 @scenario
 def object_mode(c: Context) -> dict:
-    """Both hook mechanisms on this ComfyUI (attn1 only where the blocks call it)."""
+    """The default hook (QK-norm object patches) and attn1_patch (only where the blocks call it) agree."""
     install = c.pack.nodes.install
     unsafe, safe = c.cond(True, seed=10), c.cond(False, seed=10)
     base_u, base_s = c.sample(c.model, unsafe), c.sample(c.model, safe)
     a = c.adapter("main.safetensors")
-    obj = install.apply_saferope(c.model, a, mode="object")
-    res = {"object_unsafe_vs_base": maxdiff(c.sample(obj, unsafe), base_u),
-           "object_safe_vs_base": maxdiff(c.sample(obj, safe), base_s)}
     auto = c.apply(c.model, a)
-    res["auto_mode"] = install.layers_of(auto)[0].mode
-    res["object_vs_auto"] = maxdiff(c.sample(obj, unsafe), c.sample(auto, unsafe))
+    res = {"auto_mode": install.layers_of(auto)[0].mode, "object_patches": len(auto.object_patches),
+           "auto_unsafe_vs_base": maxdiff(c.sample(auto, unsafe), base_u),
+           "auto_safe_vs_base": maxdiff(c.sample(auto, safe), base_s)}
     res["attn1_forced"] = error_of(lambda: install.apply_saferope(c.model, a, mode="attn1"))
+    if res["attn1_forced"]["raised"] is None:
+        attn1 = install.apply_saferope(c.model, a, mode="attn1")
+        res["attn1_vs_auto"] = maxdiff(c.sample(attn1, unsafe), c.sample(auto, unsafe))
+        res["attn1_safe_vs_base"] = maxdiff(c.sample(attn1, safe), base_s)
     return res
 
 
@@ -294,7 +298,8 @@ def object_mode(c: Context) -> dict:
 def dtypes(c: Context) -> dict:
     res = {}
     unsafe, safe = c.cond(True, seed=11), c.cond(False, seed=11)
-    for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float8_e4m3fn", torch.float8_e4m3fn)):
+    for name, dt in (("bfloat16", torch.bfloat16), ("float16", torch.float16), ("float8_e4m3fn", torch.float8_e4m3fn),
+                     ("float8_e5m2", torch.float8_e5m2)):
         try:
             m, how = c.tinyflux.load_tiny_flux(c.assets.comfy_sd, dt)
             p = c.apply(m, "main.safetensors")
@@ -332,12 +337,14 @@ def neighbours(c: Context) -> dict:
         return patch
 
     prot = c.apply(c.model, "main.safetensors")
-    if c.pack.nodes.install.layers_of(prot)[0].mode == "attn1":
-        m = c.model.clone()
-        m.set_model_attn1_patch(other("before"))
-        m = c.apply(m, "main.safetensors").clone()
-        m.set_model_attn1_patch(other("after"))
-        res["attn1_neighbours_vs_alone"] = maxdiff(c.sample(m, unsafe), c.sample(prot, unsafe))
+    if c.pack.nodes.compat.comfy_model(c.model).attn1_patch:  # other attn1_patch users, with either hook of ours
+        for mode in (None, "attn1"):
+            m = c.model.clone()
+            m.set_model_attn1_patch(other("before"))
+            m = c.pack.nodes.install.apply_saferope(m, c.adapter("main.safetensors"), mode=mode).clone()
+            m.set_model_attn1_patch(other("after"))
+            alone = c.pack.nodes.install.apply_saferope(c.model, c.adapter("main.safetensors"), mode=mode)
+            res[f"attn1_neighbours_vs_alone[{mode or 'object'}]"] = maxdiff(c.sample(m, unsafe), c.sample(alone, unsafe))
     m = c.model.clone()
     nkey = "diffusion_model.single_blocks.0.norm.forward"
     norm = m.get_model_object("diffusion_model.single_blocks.0.norm")
@@ -406,38 +413,57 @@ def visualizer(c: Context) -> dict:
             "png": str(out), "no_layers": no_layers}
 
 
-@scenario
-def workflows(c: Context) -> dict:
-    """Every node type of the example workflows exists here; widget counts match every node's inputs."""
+#: ComfyUI's own FLUX.1-dev text-to-image template (package comfyui-workflow-templates*, pinned by the tree)
+FLUX_TEMPLATE = "flux_dev_full_text_to_image.json"
+
+
+def comfy_templates(name: str) -> list[Path]:
+    """``name`` in the template packages installed beside this ComfyUI (the frontend's template browser)."""
+    import importlib.util
+
+    found = []
+    for pkg in ("comfyui_workflow_templates_media_image", "comfyui_workflow_templates"):
+        spec = importlib.util.find_spec(pkg)
+        for loc in (spec.submodule_search_locations or []) if spec else []:
+            if (Path(loc) / "templates" / name).is_file():
+                found.append(Path(loc) / "templates" / name)
+    return found
+
+
+def _node_specs(types: set[str]) -> tuple[dict, dict]:
+    """INPUT_TYPES and ``[(name, type)]`` outputs of those node types that this ComfyUI has."""
     import nodes
 
-    res = {}
-    frontend_only = {"Note", "MarkdownNote", "Reroute", "PrimitiveNode"}
+    specs, outputs = {}, {}
+    for t in types:
+        cls = nodes.NODE_CLASS_MAPPINGS.get(t)
+        if cls is None:
+            continue
+        specs[t] = json.loads(json.dumps(cls.INPUT_TYPES(), default=str))
+        names = getattr(cls, "RETURN_NAMES", None) or cls.RETURN_TYPES
+        outputs[t] = [(str(n), str(ty)) for n, ty in zip(names, cls.RETURN_TYPES)]
+    return specs, outputs
+
+
+@scenario
+def workflows(c: Context) -> dict:
+    """The example workflows and ComfyUI's own FLUX template with our three nodes inserted, checked
+    against every node definition of this ComfyUI, subgraphs included (tests/comfy/workflow_check.py)."""
+    ours = {"SafeRoPEAdapterLoader", "SafeRoPEApply", "SafeRoPELRSVisualizer", "PreviewImage"}
+
+    def check(wf: dict) -> dict:
+        specs, _ = _node_specs({n["type"] for _, n in wc.all_nodes(wf)})
+        return {**wc.check_nodes(wf, specs), "well_formed": wc.well_formed(wf),
+                "saferope_nodes": sorted(n["type"] for _, n in wc.all_nodes(wf) if n["type"].startswith("SafeRoPE"))}
+
+    res: dict = {"examples": {}, "templates": {}}
     for path in sorted((Path(c.pack.__file__).parent / "example_workflows").glob("*.json")):
+        res["examples"][path.name] = check(json.loads(path.read_text()))
+    for path in comfy_templates(FLUX_TEMPLATE)[:1]:
         wf = json.loads(path.read_text())
-        missing, mismatched = [], []
-        for n in wf["nodes"]:
-            t = n["type"]
-            if t in frontend_only:
-                continue
-            cls = nodes.NODE_CLASS_MAPPINGS.get(t)
-            if cls is None:
-                missing.append(t)
-                continue
-            spec = cls.INPUT_TYPES()
-            linked = {i["name"] for i in n.get("inputs", []) if i.get("link") is not None and "widget" not in i}
-            expected = 0
-            for section in ("required", "optional"):
-                for name, s in spec.get(section, {}).items():
-                    kind, opts = s[0], (s[1] if len(s) > 1 else {})
-                    is_widget = isinstance(kind, list) or kind in ("INT", "FLOAT", "STRING", "BOOLEAN", "COMBO")
-                    if not is_widget or opts.get("forceInput") or (name in linked):
-                        continue
-                    expected += 1
-                    if kind == "INT" and opts.get("control_after_generate", name in ("seed", "noise_seed")):
-                        expected += 1
-            got = len(n.get("widgets_values", []))
-            if got != expected:
-                mismatched.append({"id": n["id"], "type": t, "widgets": got, "expected": expected})
-        res[path.name] = {"nodes": len(wf["nodes"]), "missing": missing, "mismatched": mismatched}
+        specs, outputs = _node_specs(ours | {n["type"] for _, n in wc.all_nodes(wf)})
+        inserted, where = wc.insert_saferope(wf, specs, outputs, "main.safetensors")
+        res["templates"][path.name] = {"source": str(path), "original": check(wf), "inserted": check(inserted),
+                                       "inserted_in": where}
+        (c.work / f"saferope_{path.name}").write_text(json.dumps(inserted, indent=1))
     return res

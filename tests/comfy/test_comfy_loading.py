@@ -44,12 +44,30 @@ def test_bad_adapter_files_are_errors_that_name_the_file_and_the_problem(driver,
     a = r["absent.safetensors"]
     assert a["raised"] == "FileNotFoundError" and "absent.safetensors" in a["message"] and "models/saferope" in a["message"]
     assert r["good"]["blocks"] == 4
+    d = r["dangling.safetensors"]
+    assert d["raised"] == "FileNotFoundError" and "is a broken symbolic link pointing to" in d["message"]
+    assert "moved/adapter.safetensors" in d["message"] and "not found" not in d["message"]
 
 
 def test_example_workflows_use_only_existing_nodes_with_matching_widgets(driver, scenario):
-    r = scenario("workflows")
-    names = [k for k in r if k.endswith(".json")]
-    assert len(names) == 2
-    for name in names:
-        assert r[name]["missing"] == [], (name, r[name]["missing"])
-        assert r[name]["mismatched"] == [], (name, r[name]["mismatched"])
+    r = scenario("workflows")["examples"]
+    assert sorted(r) == ["saferope_compare_base_vs_saferope.json", "saferope_flux_dev_text_to_image.json"]
+    for name, res in r.items():
+        assert res["missing"] == [] and res["mismatched"] == [] and res["well_formed"] == [], (name, res)
+        assert res["saferope_nodes"] == ["SafeRoPEAdapterLoader", "SafeRoPEApply", "SafeRoPELRSVisualizer"]
+
+
+def test_comfyui_flux_template_with_our_nodes_inserted_passes_the_check(driver, scenario):
+    """ComfyUI's own FLUX.1-dev template (its template package, subgraphs on newer trees) + our three nodes."""
+    r = scenario("workflows")["templates"]
+    assert list(r) == ["flux_dev_full_text_to_image.json"], "the tree's template package has no FLUX.1-dev template"
+    t = r["flux_dev_full_text_to_image.json"]
+    for which in ("original", "inserted"):
+        assert t[which]["missing"] == [] and t[which]["mismatched"] == [] and t[which]["well_formed"] == [], (which, t)
+    assert t["original"]["saferope_nodes"] == []
+    assert t["inserted"]["saferope_nodes"] == ["SafeRoPEAdapterLoader", "SafeRoPEApply", "SafeRoPELRSVisualizer"]
+    assert t["inserted"]["nodes"] == t["original"]["nodes"] + 4  # + PreviewImage of the heatmap
+    if t["original"]["subgraphs"]:  # the new frontend's templates keep the pipeline in a subgraph
+        assert t["inserted_in"].startswith("subgraph ") and t["original"]["subgraph_instances"] >= 1
+    else:
+        assert t["inserted_in"] == "top"

@@ -52,7 +52,7 @@ def test_cond_uncond_batches_prompt_lengths_resolutions_and_reference_tokens(dri
     assert "12 text tokens, 22 image tokens" in r["kontext_summary"]
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float8_e4m3fn"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16", "float8_e4m3fn", "float8_e5m2"])
 def test_low_precision_model_weights(driver, scenario, dtype):
     r = scenario("dtypes")[dtype]
     assert "error" not in r, r.get("error")
@@ -67,16 +67,19 @@ def test_next_to_lora_and_other_patches(driver, scenario):
     assert r["lora_protected_safe_vs_lora"] == 0.0 and r["lora_protected_unsafe_vs_lora"] > 0.0
     assert r["lora_after"] == 0.0
     assert r["object_neighbour_vs_object_alone"] == 0.0 and r["calls"]["norm"] > 0  # a foreign norm patch kept, run
-    if driver["info"]["attn1"]:
-        assert r["attn1_neighbours_vs_alone"] == 0.0
+    if driver["info"]["attn1"]:  # other attn1_patch users before and after ours, with either hook of ours
+        assert r["attn1_neighbours_vs_alone[object]"] == 0.0 and r["attn1_neighbours_vs_alone[attn1]"] == 0.0
         assert r["calls"]["before"] > 0 and r["calls"]["after"] > 0
-
-
-def test_both_hook_mechanisms_agree(driver, scenario):
-    r = scenario("object_mode")
-    assert r["object_safe_vs_base"] == 0.0 and r["object_unsafe_vs_base"] > 0.0
-    assert r["object_vs_auto"] <= 1e-5
-    if driver["info"]["attn1"]:
-        assert r["auto_mode"] == "attn1" and r["attn1_forced"]["raised"] is None
     else:
-        assert r["auto_mode"] == "object" and r["attn1_forced"]["raised"] == "SafeRoPEError"
+        assert not any(k.startswith("attn1_neighbours") for k in r)
+
+
+def test_object_patches_are_the_hook_and_attn1_agrees_where_the_blocks_call_it(driver, scenario):
+    r = scenario("object_mode")
+    assert r["auto_mode"] == "object" and r["object_patches"] > 0
+    assert r["auto_safe_vs_base"] == 0.0 and r["auto_unsafe_vs_base"] > 0.0
+    if driver["info"]["attn1"]:
+        assert r["attn1_forced"]["raised"] is None
+        assert r["attn1_vs_auto"] <= 1e-5 and r["attn1_safe_vs_base"] == 0.0
+    else:
+        assert r["attn1_forced"]["raised"] == "SafeRoPEError" and "attn1_vs_auto" not in r

@@ -10,7 +10,8 @@ import torch
 
 from .tinyflux import TinyFluxSpec, conditioning, load_tiny_flux
 
-_DTYPES = {"default": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float8_e4m3fn": torch.float8_e4m3fn}
+_DTYPES = {"default": None, "bfloat16": torch.bfloat16, "float16": torch.float16, "float8_e4m3fn": torch.float8_e4m3fn,
+           "float8_e5m2": torch.float8_e5m2}
 
 
 class SafeRoPETestTinyFlux:

@@ -62,10 +62,12 @@ def diffusers_to_comfy(sd: dict, spec: TinyFluxSpec) -> dict:
     return out
 
 
-def load_tiny_flux(sd: dict, dtype: torch.dtype | None = None):
+def load_tiny_flux(sd: dict, dtype: torch.dtype | None = None, custom_operations=None):
     """A ModelPatcher for ComfyUI-layout weights: ComfyUI's loader when it infers the shapes
     correctly (0.9+), else the model built from the detected config with the sizes read off the
-    tensors (older versions hard-code FLUX.1's 3072 hidden/24 heads). Returns ``(patcher, how)``."""
+    tensors (older versions hard-code FLUX.1's 3072 hidden/24 heads). ``custom_operations`` are
+    the ``comfy.ops`` replacement both paths hand to the model (as ``model_options`` of
+    ``load_diffusion_model_state_dict``; e.g. ComfyUI-GGUF's ``GGMLOps``). Returns ``(patcher, how)``."""
     import comfy.model_detection
     import comfy.model_management
     import comfy.model_patcher
@@ -74,8 +76,9 @@ def load_tiny_flux(sd: dict, dtype: torch.dtype | None = None):
     sd = dict(sd)  # ComfyUI's loaders pop keys from the dict they are given
     hidden, context = int(sd["img_in.weight"].shape[0]), int(sd["txt_in.weight"].shape[1])
     head_dim = int(next(v for k, v in sd.items() if k.startswith("double_blocks.0.img_attn.norm.query_norm")).shape[0])
+    options = {k: v for k, v in (("dtype", dtype), ("custom_operations", custom_operations)) if v is not None}
     try:
-        patcher = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options={"dtype": dtype} if dtype else {})
+        patcher = comfy.sd.load_diffusion_model_state_dict(dict(sd), model_options=options)
         dm = patcher.model.diffusion_model if patcher is not None else None
         if dm is not None and dm.hidden_size == hidden and dm.num_heads == hidden // head_dim:
             return patcher, "loader"
@@ -89,6 +92,8 @@ def load_tiny_flux(sd: dict, dtype: torch.dtype | None = None):
         model_params=sum(v.numel() for v in sd.values()), supported_dtypes=model_config.supported_inference_dtypes)
     manual_cast = comfy.model_management.unet_manual_cast(unet_dtype, load_device, model_config.supported_inference_dtypes)
     model_config.set_inference_dtype(unet_dtype, manual_cast)
+    if custom_operations is not None:
+        model_config.custom_operations = custom_operations
     model = model_config.get_model(sd, "")
     model.load_model_weights(dict(sd), "")
     patcher = comfy.model_patcher.ModelPatcher(model, load_device=load_device,
