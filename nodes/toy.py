@@ -64,9 +64,16 @@ class ToyModelError(SafeRoPEError, RuntimeError):
     """The toy model cannot be used: files missing, a config ComfyUI's FLUX cannot host, missing packages."""
 
 
+def _importable(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):  # a module blocked in sys.modules, or a broken install
+        return False
+
+
 def require_diffusers() -> None:
     """Raise a clear error when diffusers or transformers is missing from ComfyUI's Python."""
-    missing = [name for name in ("diffusers", "transformers") if importlib.util.find_spec(name) is None]
+    missing = [name for name in ("diffusers", "transformers") if not _importable(name)]
     if missing:
         raise ToyModelError(
             f"the SafeRoPE toy nodes need {' and '.join(missing)} in ComfyUI's Python environment "

@@ -49,7 +49,7 @@ def test_bad_adapter_files_are_errors_that_name_the_file_and_the_problem(driver,
 def test_example_workflows_use_only_existing_nodes_with_matching_widgets(driver, scenario):
     r = scenario("workflows")
     names = [k for k in r if k.endswith(".json")]
-    assert len(names) == 2
+    assert len(names) == 3
     for name in names:
         assert r[name]["missing"] == [], (name, r[name]["missing"])
         assert r[name]["mismatched"] == [], (name, r[name]["mismatched"])
