@@ -183,7 +183,8 @@ def toy_demo(out: Path) -> None:
         "`python -m trainer demo --out demo_out --comfyui /path/to/ComfyUI`\n\n"
         f"(writes `models/saferope/{TOY_ADAPTER}`; press R to refresh). Each row samples one prompt with the same "
         f"seed ({TOY_SEED}, a batch of {TOY_BATCH}) twice: left the base model, right with SafeRoPE. Red disappears "
-        "for 'red' and for the unseen trigger 'tomato'; the benign prompt comes out identical."])
+        "for 'red' and for the unseen trigger 'tomato' (this adapter's rotation draws those shapes green); the "
+        "benign prompt comes out identical. **LRS Visualizer** shows the flagged tokens."])
     ids = {
         "toy": w.node("SafeRoPEToyLoader", (20, 120), (320, 110)),
         "adapter": w.node("SafeRoPEAdapterLoader", (20, 280), (320, 60), [TOY_ADAPTER]),
