@@ -130,11 +130,10 @@ class ToyFolder:
         if in_ch != lat * FLUX_PACK ** 2:
             raise ToyModelError(f"{self.path}: transformer in_channels {in_ch} ≠ {FLUX_PACK}×{FLUX_PACK} packed VAE "
                                 f"latents of {lat} channels")
-        self._get("transformer", "num_attention_heads")
-        hd = self._get("transformer", "attention_head_dim")
-        if sum(self._get("transformer", "axes_dims_rope")) != hd:
-            raise ToyModelError(f"{self.path}: axes_dims_rope {self.transformer['axes_dims_rope']} must sum to the "
-                                f"head size {hd}")
+        sizes = self.comfy_sizes()  # every transformer size is present
+        hd = sizes["hidden_size"] // sizes["num_heads"]
+        if sum(sizes["axes_dim"]) != hd:
+            raise ToyModelError(f"{self.path}: axes_dims_rope {sizes['axes_dim']} must sum to the head size {hd}")
         for key in ("height", "width", "num_inference_steps", "guidance_scale", "max_sequence_length"):
             self._get("recipe", key)
         f = FLUX_PACK * self.vae_scale_factor
@@ -204,21 +203,24 @@ class ToyFolder:
 
     def comfy_sizes(self) -> dict[str, Any]:
         """The toy's sizes in the vocabulary of ComfyUI's ``FluxParams``."""
-        t = self.transformer
-        in_ch = int(t["in_channels"])
+        def get(key: str) -> Any:
+            return self._get("transformer", key)
+
+        in_ch = int(get("in_channels"))
+        heads = int(get("num_attention_heads"))
         return {
             "image_model": "flux",
             "in_channels": in_ch // FLUX_PACK ** 2,
-            "out_channels": int(t.get("out_channels") or in_ch) // FLUX_PACK ** 2,
-            "vec_in_dim": int(self._get("transformer", "pooled_projection_dim")),
-            "context_in_dim": int(self._get("transformer", "joint_attention_dim")),
-            "hidden_size": int(t["num_attention_heads"]) * int(t["attention_head_dim"]),
-            "num_heads": int(t["num_attention_heads"]),
-            "depth": int(self._get("transformer", "num_layers")),
-            "depth_single_blocks": int(self._get("transformer", "num_single_layers")),
-            "axes_dim": [int(a) for a in t["axes_dims_rope"]],
+            "out_channels": int(self.transformer.get("out_channels") or in_ch) // FLUX_PACK ** 2,
+            "vec_in_dim": int(get("pooled_projection_dim")),
+            "context_in_dim": int(get("joint_attention_dim")),
+            "hidden_size": heads * int(get("attention_head_dim")),
+            "num_heads": heads,
+            "depth": int(get("num_layers")),
+            "depth_single_blocks": int(get("num_single_layers")),
+            "axes_dim": [int(a) for a in get("axes_dims_rope")],
             "patch_size": FLUX_PACK,
-            "guidance_embed": bool(t.get("guidance_embeds", False)),
+            "guidance_embed": bool(self.transformer.get("guidance_embeds", False)),
         }
 
 
