@@ -5,6 +5,8 @@ Node ids are permanent — saved workflows reference them — and never renamed:
 * ``SafeRoPEAdapterLoader`` — "Load SafeRoPE Adapter"
 * ``SafeRoPEApply`` — "Apply SafeRoPE to Model"
 * ``SafeRoPELRSVisualizer`` — "LRS Visualizer"
+* ``SafeRoPEToy…`` — the shipped toy model's loader, text encode, VAE decode and empty latent
+  (category "SafeRoPE/toy", :mod:`.toy`)
 
 Importing this package registers the ``saferope`` model folder when ComfyUI is running and does
 nothing else; without ComfyUI it imports cleanly (the node classes import ComfyUI lazily).
@@ -12,7 +14,7 @@ nothing else; without ComfyUI it imports cleanly (the node classes import ComfyU
 
 from __future__ import annotations
 
-from . import folders
+from . import folders, toy
 from .apply import SafeRoPEApply
 from .loader import SafeRoPEAdapterLoader
 from .visualizer import SafeRoPELRSVisualizer
@@ -29,5 +31,7 @@ NODE_DISPLAY_NAME_MAPPINGS = {
     "SafeRoPEApply": "Apply SafeRoPE to Model",
     "SafeRoPELRSVisualizer": "LRS Visualizer",
 }
+NODE_CLASS_MAPPINGS.update(toy.NODE_CLASS_MAPPINGS)
+NODE_DISPLAY_NAME_MAPPINGS.update(toy.NODE_DISPLAY_NAME_MAPPINGS)
 
 __all__ = ["NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"]

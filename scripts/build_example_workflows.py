@@ -37,6 +37,13 @@ SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
     "SafeRoPEApply": ([("model", "MODEL"), ("adapter", "SAFEROPE_ADAPTER")], [("model", "MODEL")]),
     "SafeRoPELRSVisualizer": ([("model", "MODEL"), ("conditioning", "CONDITIONING"), ("clip", "CLIP")],
                               [("image", "IMAGE"), ("summary", "STRING")]),
+    # the toy model's nodes (nodes/toy.py) and what the toy workflow needs besides
+    "SafeRoPEToyLoader": ([], [("model", "MODEL"), ("text_encoders", "SAFEROPE_TOY_TEXT_ENCODERS"),
+                               ("vae", "SAFEROPE_TOY_VAE")]),
+    "SafeRoPEToyTextEncode": ([("text_encoders", "SAFEROPE_TOY_TEXT_ENCODERS")], [("conditioning", "CONDITIONING")]),
+    "SafeRoPEToyVAEDecode": ([("samples", "LATENT"), ("vae", "SAFEROPE_TOY_VAE")], [("image", "IMAGE")]),
+    "SafeRoPEToyEmptyLatent": ([], [("latent", "LATENT")]),
+    "ImageScaleBy": ([("image", "IMAGE")], [("IMAGE", "IMAGE")]),
 }
 SAFEROPE_COLOR, SAFEROPE_BG = "#223", "#335"
 
@@ -154,6 +161,77 @@ def comparison(out: Path) -> None:
     w.dump(out / "saferope_compare_base_vs_saferope.json", "Base vs SafeRoPE, same seed")
 
 
+# -- the toy model (trainer/toy/model): runs on a CPU in seconds ----------------------------------------------
+TOY_ADAPTER = "saferope-toy-red.safetensors"  # what `python -m trainer demo --comfyui PATH` writes (trainer/comfyui_copy.py)
+TOY_RECIPE = ROOT / "trainer" / "toy" / "model" / "toy_recipe.json"
+#: (row title, prompt, filename prefix): a held-out explicit prompt, an implicit trigger the adapter never saw,
+#: and a benign prompt (trainer/toy/world.py's held-out templates and triggers).
+TOY_ROWS = (("explicit 'red'", "a simple drawing of a red circle", "explicit"),
+            ("implicit trigger", "a picture of a tomato", "implicit"),
+            ("benign", "a simple drawing of a blue square", "benign"))
+TOY_SEED, TOY_BATCH, TOY_SCALE = 0, 4, 8.0
+
+
+def toy_demo(out: Path) -> None:
+    recipe = json.loads(TOY_RECIPE.read_text())
+    steps, guidance = recipe["num_inference_steps"], recipe["guidance_scale"]
+    w = Workflow()
+    w.node("MarkdownNote", (20, -200), (760, 280), [
+        "## SafeRoPE on the toy model: base vs SafeRoPE, same seeds\n\nThe pack's tiny toy FLUX (coloured "
+        f"shapes, {recipe['width']}×{recipe['height']} pixels) runs in ComfyUI's own FLUX model on a CPU in seconds. "
+        "First build its adapter, which erases **red**, and put it where ComfyUI finds it:\n\n"
+        "`python -m trainer demo --out demo_out --comfyui /path/to/ComfyUI`\n\n"
+        f"(writes `models/saferope/{TOY_ADAPTER}`; press R to refresh). Each row samples one prompt with the same "
+        f"seed ({TOY_SEED}, a batch of {TOY_BATCH}) twice: left the base model, right with SafeRoPE. Red disappears "
+        "for 'red' and for the unseen trigger 'tomato' (this adapter's rotation draws those shapes green); the "
+        "benign prompt comes out identical. **LRS Visualizer** shows the flagged tokens."])
+    ids = {
+        "toy": w.node("SafeRoPEToyLoader", (20, 120), (320, 110)),
+        "adapter": w.node("SafeRoPEAdapterLoader", (20, 280), (320, 60), [TOY_ADAPTER]),
+        "apply": w.node("SafeRoPEApply", (20, 390), (320, 180), [1.0, -1.0, 0.0, 1.0]),
+        "latent": w.node("SafeRoPEToyEmptyLatent", (20, 620), (320, 60), [TOY_BATCH]),
+        "neg": w.node("SafeRoPEToyTextEncode", (20, 730), (320, 150), ["", guidance],
+                      title="Toy Text Encode (empty negative, unused at cfg 1)"),
+    }
+    w.link(ids["toy"], 0, ids["apply"], "model")
+    w.link(ids["adapter"], 0, ids["apply"], "adapter")
+    w.link(ids["toy"], 1, ids["neg"], "text_encoders")
+    first_pos = None
+    for r, (title, prompt, prefix) in enumerate(TOY_ROWS):
+        y = 120 + 330 * r
+        pos = w.node("SafeRoPEToyTextEncode", (380, y), (360, 150), [prompt, guidance], title=f"Prompt: {title}")
+        w.link(ids["toy"], 1, pos, "text_encoders")
+        first_pos = first_pos or pos
+        decoded = []
+        for c, (model, label) in enumerate(((ids["toy"], "base"), (ids["apply"], "SafeRoPE"))):
+            k = w.node("KSampler", (780 + 290 * c, y), (270, 262),
+                       [TOY_SEED, "fixed", steps, 1.0, "euler", "simple", 1.0], title=f"KSampler ({label})")
+            w.link(model, 0, k, "model")
+            w.link(pos, 0, k, "positive")
+            w.link(ids["neg"], 0, k, "negative")
+            w.link(ids["latent"], 0, k, "latent_image")
+            d = w.node("SafeRoPEToyVAEDecode", (1360, y + 90 * c), (240, 50))
+            w.link(k, 0, d, "samples")
+            w.link(ids["toy"], 2, d, "vae")
+            decoded.append(d)
+        st = w.node("ImageStitch", (1630, y), (270, 150), ["right", True, 2, "white"])
+        w.link(decoded[0], 0, st, "image1")
+        w.link(decoded[1], 0, st, "image2")
+        up = w.node("ImageScaleBy", (1630, y + 190), (270, 82), ["nearest-exact", TOY_SCALE])
+        w.link(st, 0, up, "image")
+        s = w.node("SaveImage", (1930, y), (560, 300), [f"SafeRoPE_toy_{prefix}"], title=f"{title}: base | SafeRoPE")
+        w.link(up, 0, s, "images")
+    v = w.node("SafeRoPELRSVisualizer", (380, 120 + 330 * len(TOY_ROWS)), (360, 300),
+               [recipe["width"], recipe["height"], 0.0, TOY_SEED, "fixed", TOY_ROWS[0][1]])
+    w.link(ids["apply"], 0, v, "model")
+    w.link(first_pos, 0, v, "conditioning")
+    p = w.node("PreviewImage", (780, 120 + 330 * len(TOY_ROWS)), (560, 420), title="Why is it flagged? (LRS heatmap)")
+    w.link(v, 0, p, "images")
+    sm = w.node("PreviewAny", (1380, 120 + 330 * len(TOY_ROWS)), (520, 300), title="LRS summary")
+    w.link(v, 1, sm, "source")
+    w.dump(out / "saferope_toy_demo.json", "SafeRoPE toy model: base vs SafeRoPE, same seeds (CPU, seconds)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description="Write the example workflows.")
     ap.add_argument("--out", type=Path, default=ROOT / "example_workflows", help="output folder")
@@ -161,6 +239,7 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     text_to_image(out)
     comparison(out)
+    toy_demo(out)
     print("wrote", *sorted(str(p) for p in out.glob("*.json")))
 
 

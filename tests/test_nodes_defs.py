@@ -20,14 +20,18 @@ from saferope_pack.saferope_engine import AdapterMeta, BlockAdapter, SafeRoPEAda
 from saferope_pack.saferope_engine.errors import AdapterFormatError  # noqa: E402
 
 IDS = {"SafeRoPEAdapterLoader": "Load SafeRoPE Adapter", "SafeRoPEApply": "Apply SafeRoPE to Model",
-       "SafeRoPELRSVisualizer": "LRS Visualizer"}
+       "SafeRoPELRSVisualizer": "LRS Visualizer",
+       # the shipped toy model's nodes (nodes/toy.py), category SafeRoPE/toy
+       "SafeRoPEToyLoader": "Load Toy Model (SafeRoPE toy)", "SafeRoPEToyTextEncode": "Toy Text Encode (SafeRoPE toy)",
+       "SafeRoPEToyVAEDecode": "Toy VAE Decode (SafeRoPE toy)", "SafeRoPEToyEmptyLatent": "Empty Toy Latent (SafeRoPE toy)"}
 
 
 def test_node_ids_and_display_names_are_the_permanent_ones():
     assert dict(PACK.NODE_DISPLAY_NAME_MAPPINGS) == IDS
     assert set(PACK.NODE_CLASS_MAPPINGS) == set(IDS)
-    for cls in PACK.NODE_CLASS_MAPPINGS.values():
-        assert cls.CATEGORY == "SafeRoPE" and callable(getattr(cls, cls.FUNCTION)) and cls.DESCRIPTION
+    for node, cls in PACK.NODE_CLASS_MAPPINGS.items():
+        category = "SafeRoPE/toy" if node.startswith("SafeRoPEToy") else "SafeRoPE"
+        assert cls.CATEGORY == category and callable(getattr(cls, cls.FUNCTION)) and cls.DESCRIPTION
 
 
 def test_root_package_imports_without_comfyui_as_a_directory_package():

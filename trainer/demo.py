@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from . import comfyui_copy
 from .cli import add_command
 from .errors import UsageError
 
@@ -77,6 +78,9 @@ def register(sub) -> None:
     p.add_argument("--seeds", type=int, default=None, help=f"images per held-out prompt (default {DemoSettings.seeds_per_prompt})")
     p.add_argument("--threshold", type=float, default=None, help=f"risk threshold τ (default {DemoSettings.threshold})")
     p.add_argument("--quick", action="store_true", help="reduced setting (what the tests run): fewer steps and images")
+    p.add_argument("--comfyui", metavar="PATH", default=None,
+                   help="also copy the adapter to PATH/models/saferope/saferope-toy-<concept>.safetensors, where the "
+                        "toy example workflow finds it (PATH: a ComfyUI folder; an existing file is never overwritten)")
     p.set_defaults(func=run)
 
 
@@ -84,11 +88,15 @@ def run(args: argparse.Namespace) -> int:
     kw = {k: v for k, v in (("concept", args.concept), ("steps", args.steps), ("seeds_per_prompt", args.seeds),
                             ("threshold", args.threshold)) if v is not None}
     settings = DemoSettings.quick(args.out, **kw) if args.quick else DemoSettings(out=args.out, **kw)
+    target = comfyui_copy.destination(args.comfyui, comfyui_copy.toy_adapter_name(settings.concept)) \
+        if args.comfyui else None  # checked before any work
     report = run_demo(settings)
     print(report["table_md"])
     print()
     for name in ("adapter", "report_json", "report_md", "grid"):
         print(f"{name + ':':13}{report['files'][name]}")
+    if target is not None:
+        print(f"{'comfyui:':13}{comfyui_copy.copy_new(Path(report['files']['adapter']), target)}")
     return 0
 
 

@@ -164,7 +164,7 @@ def test_object_info_describes_the_nodes(server):
 
 def test_example_workflows_are_served_as_templates(server):
     names = server.get("/workflow_templates").get("comfyui-saferope", [])
-    assert sorted(names) == ["saferope_compare_base_vs_saferope", "saferope_flux_dev_text_to_image"]
+    assert sorted(names) == ["saferope_compare_base_vs_saferope", "saferope_flux_dev_text_to_image", "saferope_toy_demo"]
     for name in names:
         served = server.get(f"/api/workflow_templates/comfyui-saferope/{name}.json")
         assert served == json.loads((REPO / "example_workflows" / f"{name}.json").read_text())

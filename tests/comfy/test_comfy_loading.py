@@ -51,10 +51,15 @@ def test_bad_adapter_files_are_errors_that_name_the_file_and_the_problem(driver,
 
 def test_example_workflows_use_only_existing_nodes_with_matching_widgets(driver, scenario):
     r = scenario("workflows")["examples"]
-    assert sorted(r) == ["saferope_compare_base_vs_saferope.json", "saferope_flux_dev_text_to_image.json"]
+    assert sorted(r) == ["saferope_compare_base_vs_saferope.json", "saferope_flux_dev_text_to_image.json",
+                         "saferope_toy_demo.json"]
     for name, res in r.items():
         assert res["missing"] == [] and res["mismatched"] == [] and res["well_formed"] == [], (name, res)
-        assert res["saferope_nodes"] == ["SafeRoPEAdapterLoader", "SafeRoPEApply", "SafeRoPELRSVisualizer"]
+        if name == "saferope_toy_demo.json":  # the toy's own loader, encoder, latent and decoder nodes
+            assert {"SafeRoPEAdapterLoader", "SafeRoPEApply"} <= set(res["saferope_nodes"]), res["saferope_nodes"]
+            assert any(n.startswith("SafeRoPEToy") for n in res["saferope_nodes"]), res["saferope_nodes"]
+        else:
+            assert res["saferope_nodes"] == ["SafeRoPEAdapterLoader", "SafeRoPEApply", "SafeRoPELRSVisualizer"]
 
 
 def test_comfyui_flux_template_with_our_nodes_inserted_passes_the_check(driver, scenario):
