@@ -281,13 +281,21 @@ def _versions(sources: tuple) -> tuple:
 def _runtime(block: BlockAdapter, device: torch.device, dtype: torch.dtype) -> _Runtime:
     key = (device, dtype)
     rt = block._runtime.get(key)
-    if rt is not None and torch.compiler.is_compiling():
-        # Traced by torch.compile: the validity check reads version counters, which dynamo cannot
-        # trace; the cache was filled (and checked) by an eager call. See the README (Engine).
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile: object identity is traced (and guarded), version counters are
+        # not (dynamo would freeze them), so in-place edits of an adapter's tensors are seen by
+        # eager calls only. Building the runtime is not traceable: a graph break, once.
+        if rt is None or not all(a is b for a, b in zip(_sources(block), rt.sources)):
+            rt = _new_runtime(block, device, dtype)
         return rt
     if rt is None or not rt.valid_for(block):
-        rt = _Runtime(block, device, dtype)
-        block._runtime[key] = rt
+        rt = _new_runtime(block, device, dtype)
+    return rt
+
+
+@torch.compiler.disable
+def _new_runtime(block: BlockAdapter, device: torch.device, dtype: torch.dtype) -> _Runtime:
+    rt = block._runtime[(device, dtype)] = _Runtime(block, device, dtype)
     return rt
 
 
@@ -327,13 +335,30 @@ def _stage2(Xc: Tensor, Y: Tensor, rho: Tensor, ops: DenseOperators) -> Tensor:
     """
     S, B, n, Ls, D = Xc.shape
     M = ops.theta.shape[-1]
-    z = torch.view_as_complex(Y[..., :2 * M].unflatten(-1, (M, 2)))  # (S,B,n,Ls,M) pairs as a + ib
     phi = rho.unsqueeze(-1) * ops.theta  # (S,B,n,Ls,1) * (S,1,n,1,M) -> (S,B,n,Ls,M): α·ρ·θ_j
-    rot = torch.polar(ops.mask, phi) - ops.mask  # mask·(e^{iφ} − 1); (Ls,M) broadcasts
-    dd = torch.view_as_real(z * rot).flatten(-2)  # (S,B,n,Ls,M,2) -> (S,B,n,Ls,2M)
+    if torch.compiler.is_compiling():
+        dd = _pair_deltas_real(Y[..., :2 * M], phi, ops.mask)  # inductor fuses real arithmetic, not complex
+    else:
+        z = torch.view_as_complex(Y[..., :2 * M].unflatten(-1, (M, 2)))  # (S,B,n,Ls,M) pairs as a + ib
+        rot = torch.polar(ops.mask, phi) - ops.mask  # mask·(e^{iφ} − 1); (Ls,M) broadcasts
+        dd = torch.view_as_real(z * rot).flatten(-2)  # (S,B,n,Ls,M,2) -> (S,B,n,Ls,2M)
     back = ops.back.expand(S, B, n, 2 * M, D).reshape(S * B * n, 2 * M, D)  # a view for B = 1
     new = torch.baddbmm(Xc.reshape(S * B * n, Ls, D), dd.view(S * B * n, Ls, 2 * M), back)  # x + Δd·Wᵀ
     return new.view(S, B, n, Ls, D)
+
+
+def _pair_deltas_real(d: Tensor, phi: Tensor, mask: Tensor) -> Tensor:
+    """:func:`_stage2`'s ``mask·(e^{iφ} − 1)·z`` in real arithmetic (what ``torch.compile`` traces).
+
+    ``d`` ``(…, 2M)`` pair coordinates ``(a_j, b_j)``, ``phi`` ``(…, M)``, ``mask`` ``(Ls, M)``:
+    ``Δa = a·c − b·s``, ``Δb = a·s + b·c`` with ``c = mask·(cos φ − 1) = −2·mask·sin²(φ/2)``,
+    ``s = mask·sin φ``. -> ``(…, 2M)``.
+    """
+    a, b = d[..., 0::2], d[..., 1::2]  # (…, M) each
+    half = torch.sin(0.5 * phi)
+    c = -2.0 * half * half * mask
+    s = torch.sin(phi) * mask
+    return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)  # (…, M, 2) -> (…, 2M)
 
 
 def _write(X: Tensor, Xh: Tensor, Xs: Tensor, Xc: Tensor, new: Tensor, gate: Tensor, ops: DenseOperators,
@@ -344,7 +369,7 @@ def _write(X: Tensor, Xh: Tensor, Xs: Tensor, Xc: Tensor, new: Tensor, gate: Ten
     off: the gated tokens are written into it (one masked write), else a new tensor is built.
     """
     g = gate.unsqueeze(-1)  # (S,B,n,Ls,1)
-    if write:
+    if write and not torch.compiler.is_compiling():  # compiled graphs are functional anyway (and refuse strided out=)
         torch.where(g, new.to(Xs.dtype), Xs, out=Xs)  # ungated tokens: Xs itself
         if ops.heads is not None:
             X.index_copy_(2, ops.heads, Xh)
@@ -531,7 +556,7 @@ def _transform(xs: tuple[Tensor, ...], which: tuple[str, ...], block: BlockAdapt
         _, _, Xc = _split(X, ops)
         _, rho, gate = _stage1(Xc, ops, threshold)
         return xs, rho, gate
-    if not (HOST_SHORTCUTS and X.device.type == "cpu"):
+    if not (HOST_SHORTCUTS and X.device.type == "cpu") or torch.compiler.is_compiling():
         out, rho, gate = fused_dense(X, ops, threshold, write)
         return (xs if out is X and S == 1 else tuple(out.unbind(0))), rho, gate
 
