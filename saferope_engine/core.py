@@ -312,12 +312,53 @@ def dense_operators(block: BlockAdapter, x: Tensor, which: tuple[str, ...] = WHI
 
 # -- the dense transform (any device; no host reads) -------------------------------------------------
 
+def _merges(t: Tensor, groups: tuple[tuple[int, ...], ...]) -> bool:
+    """Whether each group of dimensions of ``t`` (in order, outermost first) views as one dimension."""
+    for g in groups:
+        dims = [(t.shape[d], t.stride()[d]) for d in g if t.shape[d] > 1]
+        if not all(a_st == b_n * b_st for (_, a_st), (b_n, b_st) in zip(dims, dims[1:])):
+            return False
+    return True
+
+
+_HEAD_MAJOR = ((0, 2), (1, 3))  # (S, n) -> batch, (B, Ls) -> rows
+_SAMPLE_MAJOR = ((0, 1, 2),)  # (S, B, n) -> batch, Ls rows
+
+
+def _head_major(t: Tensor) -> bool:
+    """The batched products' layout for ``t`` ``(S, B, n, Ls, ·)``: ``(S·n, B·Ls, ·)`` (head-major:
+    few large products, the operators need no copy per sample) when its memory allows, else
+    ``(S·B·n, Ls, ·)``. Compiled graphs always use the head-major one (inductor lays out memory)."""
+    return t.shape[1] == 1 or torch.compiler.is_compiling() or _merges(t, _HEAD_MAJOR)
+
+
+def _view3(t: Tensor, head: bool) -> Tensor:
+    """``(S, B, n, Ls, c)`` -> ``(S·n, B·Ls, c)`` (head-major) or ``(S·B·n, Ls, c)``; a view where the memory allows."""
+    S, B, n, Ls, c = t.shape
+    return t.transpose(1, 2).reshape(S * n, B * Ls, c) if head and B > 1 else t.reshape(S * B * n, Ls, c)
+
+
+def _view5(t3: Tensor, shape: torch.Size, head: bool) -> Tensor:
+    """Inverse of :func:`_view3` (a view): ``(G, R, c)`` -> ``(S, B, n, Ls, c)``."""
+    S, B, n, Ls = shape[:4]
+    return t3.view(S, n, B, Ls, -1).transpose(1, 2) if head and B > 1 else t3.view(S, B, n, Ls, -1)
+
+
+def _operator3(op: Tensor, B: int, head: bool) -> Tensor:
+    """Per-head operator ``(S, 1, n, a, b)`` for the batched products: ``(S·n, a, b)`` (a view), or
+    repeated per sample ``(S·B·n, a, b)`` (a copy when ``B > 1``)."""
+    S, _, n, a, b = op.shape
+    return op.view(S * n, a, b) if head or B == 1 else op.expand(S, B, n, a, b).reshape(S * B * n, a, b)
+
+
 def _stage1(Xc: Tensor, ops: DenseOperators, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
     """Projection and risk: ``Y = X·proj``, ``ρ = clamp(‖c / max(‖x‖, 1e-6)‖², 0, 1)``, ``gate = ρ > τ``.
 
     ``Xc`` ``(S, B, n, Ls, D)`` in the compute dtype -> ``Y (S,B,n,Ls,K)``, ``ρ``, ``gate`` ``(S,B,n,Ls)``.
     """
-    Y = torch.matmul(Xc, ops.proj)  # (S,B,n,Ls,D) @ (S,1,n,D,K) -> (S,B,n,Ls,K)
+    head = _head_major(Xc)
+    Y3 = torch.bmm(_view3(Xc, head), _operator3(ops.proj, Xc.shape[1], head))  # (G,R,D) @ (G,D,K) -> (G,R,K)
+    Y = _view5(Y3, Xc.shape, head)  # (S,B,n,Ls,K)
     norm = torch.linalg.vector_norm(Xc, dim=-1, keepdim=True).clamp_min(_EPS_NORM)  # (S,B,n,Ls,1)
     c = Y[..., ops.r0:ops.r0 + ops.rank] / norm  # (S,B,n,Ls,r): coefficients of x/‖x‖
     rho = torch.linalg.vecdot(c, c).clamp(0.0, 1.0)  # (S,B,n,Ls)
@@ -327,13 +368,13 @@ def _stage1(Xc: Tensor, ops: DenseOperators, threshold: float) -> tuple[Tensor, 
     return Y, rho, gate
 
 
-def _stage2(Xc: Tensor, Y: Tensor, rho: Tensor, ops: DenseOperators) -> Tensor:
+def _stage2(Xc: Tensor, Y: Tensor, rho: Tensor, ops: DenseOperators, inplace: bool = False) -> Tensor:
     """Rotated span ``x + W·(mask ⊙ (e^{iαρθ} − 1) ⊙ z)`` for every token (gated or not).
 
     ``z_j = d_{2j} + i·d_{2j+1}`` are the pair coordinates from ``Y``; the mask keeps each token's
-    own segment's pairs (the others get ``polar(0, φ) − 0 = 0``). -> ``(S, B, n, Ls, D)``.
+    own segment's pairs (the others get ``polar(0, φ) − 0 = 0``). -> ``(S, B, n, Ls, D)``:
+    ``Xc`` itself, updated in place, with ``inplace``, else a new tensor.
     """
-    S, B, n, Ls, D = Xc.shape
     M = ops.theta.shape[-1]
     phi = rho.unsqueeze(-1) * ops.theta  # (S,B,n,Ls,1) * (S,1,n,1,M) -> (S,B,n,Ls,M): α·ρ·θ_j
     if torch.compiler.is_compiling():
@@ -342,9 +383,12 @@ def _stage2(Xc: Tensor, Y: Tensor, rho: Tensor, ops: DenseOperators) -> Tensor:
         z = torch.view_as_complex(Y[..., :2 * M].unflatten(-1, (M, 2)))  # (S,B,n,Ls,M) pairs as a + ib
         rot = torch.polar(ops.mask, phi) - ops.mask  # mask·(e^{iφ} − 1); (Ls,M) broadcasts
         dd = torch.view_as_real(z * rot).flatten(-2)  # (S,B,n,Ls,M,2) -> (S,B,n,Ls,2M)
-    back = ops.back.expand(S, B, n, 2 * M, D).reshape(S * B * n, 2 * M, D)  # a view for B = 1
-    new = torch.baddbmm(Xc.reshape(S * B * n, Ls, D), dd.view(S * B * n, Ls, 2 * M), back)  # x + Δd·Wᵀ
-    return new.view(S, B, n, Ls, D)
+    head = _head_major(Xc)
+    dd3, back3 = _view3(dd, head), _operator3(ops.back, Xc.shape[1], head)  # (G,R,2M), (G,2M,D)
+    if inplace and not torch.compiler.is_compiling() and _merges(Xc, _HEAD_MAJOR if head else _SAMPLE_MAJOR):
+        _view3(Xc, head).baddbmm_(dd3, back3)  # a view of Xc: x += Δd·Wᵀ in place
+        return Xc
+    return _view5(torch.baddbmm(_view3(Xc, head), dd3, back3), Xc.shape, head)  # x + Δd·Wᵀ
 
 
 def _pair_deltas_real(d: Tensor, phi: Tensor, mask: Tensor) -> Tensor:
@@ -361,30 +405,47 @@ def _pair_deltas_real(d: Tensor, phi: Tensor, mask: Tensor) -> Tensor:
     return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)  # (…, M, 2) -> (…, 2M)
 
 
-def _write(X: Tensor, Xh: Tensor, Xs: Tensor, Xc: Tensor, new: Tensor, gate: Tensor, ops: DenseOperators,
-           write: bool) -> Tensor:
-    """Gated tokens from ``new``, every other element of ``X`` bit-identical. -> ``(S, B, H, L, D)``.
+def _rotate_write(X: Tensor, Xh: Tensor, Xs: Tensor, Xc: Tensor, Y: Tensor, rho: Tensor, gate: Tensor,
+                  ops: DenseOperators, write: bool, all_gated: bool = False) -> Tensor:
+    """Rotate the gated tokens; every other element of ``X`` stays bit-identical. -> ``(S, B, H, L, D)``.
 
     ``write``: ``X`` is the engine's own (stacked, or the caller's with ``inplace``) and autograd is
     off: the gated tokens are written into it (one masked write), else a new tensor is built.
+    ``all_gated`` (known on the CPU only): every token of the span is gated, so no selection is needed.
     """
     g = gate.unsqueeze(-1)  # (S,B,n,Ls,1)
     if write and not torch.compiler.is_compiling():  # compiled graphs are functional anyway (and refuse strided out=)
-        torch.where(g, new.to(Xs.dtype), Xs, out=Xs)  # ungated tokens: Xs itself
+        if all_gated:  # x' = x + Δ for every token: in place (in X, or in its compute-dtype copy)
+            new = _stage2(Xc, Y, rho, ops, inplace=True)
+            if new is not Xs:
+                Xs.copy_(new)  # the cast back
+        else:  # a compute-dtype copy is the engine's own: rotate it in place, then select
+            new = _stage2(Xc, Y, rho, ops, inplace=Xc is not Xs)
+            torch.where(g, new.to(Xs.dtype), Xs, out=Xs)  # ungated tokens: Xs itself
         if ops.heads is not None:
             X.index_copy_(2, ops.heads, Xh)
         return X
-    ys = torch.where(g, new, Xc).to(X.dtype)  # (S,B,n,Ls,D)
+    new = _stage2(Xc, Y, rho, ops)
+    ys = (new if all_gated else torch.where(g, new, Xc)).to(X.dtype)  # (S,B,n,Ls,D)
     if (ops.lo, ops.hi) != (0, X.shape[3]):
         ys = torch.cat((Xh[..., :ops.lo, :], ys, Xh[..., ops.hi:, :]), dim=3)  # (S,B,n,L,D)
     return ys if ops.heads is None else X.index_copy(2, ops.heads, ys)
 
 
 def _split(X: Tensor, ops: DenseOperators) -> tuple[Tensor, Tensor, Tensor]:
-    """``Xh (S,B,n,L,D)`` selected heads, ``Xs`` their span (a view), ``Xc`` that in the compute dtype."""
+    """``Xh (S,B,n,L,D)`` selected heads, ``Xs`` their span (a view), ``Xc`` that in the compute dtype.
+
+    ``Xc`` is ``Xs`` itself for float32/float64 inputs whose memory suits the batched products (one
+    of the layouts of :func:`_head_major`); other layouts (a ``(B, L, H, D)`` tensor seen as
+    ``(B, H, L, D)``, diffusers' hooks, on part of the tokens, ``B > 1``) get one head-major copy
+    instead of a copy in every product.
+    """
     Xh = X if ops.heads is None else X.index_select(2, ops.heads)
     Xs = Xh[..., ops.lo:ops.hi, :]  # (S,B,n,Ls,D) view
-    return Xh, Xs, Xs.to(_compute_dtype(X))  # Xs itself for float32/float64 inputs
+    Xc = Xs.to(_compute_dtype(X))
+    if not (torch.compiler.is_compiling() or _head_major(Xc) or _merges(Xc, _SAMPLE_MAJOR)):
+        Xc = Xc.transpose(1, 2).contiguous().transpose(1, 2)  # (S,n,B,Ls,D) memory, (S,B,n,Ls,D) view
+    return Xh, Xs, Xc
 
 
 def fused_dense(X: Tensor, ops: DenseOperators, threshold: float, write: bool = False) -> tuple[Tensor, Tensor, Tensor]:
@@ -406,8 +467,7 @@ def fused_dense(X: Tensor, ops: DenseOperators, threshold: float, write: bool = 
     """
     Xh, Xs, Xc = _split(X, ops)
     Y, rho, gate = _stage1(Xc, ops, threshold)
-    new = _stage2(Xc, Y, rho, ops)
-    return _write(X, Xh, Xs, Xc, new, gate, ops, write), rho, gate
+    return _rotate_write(X, Xh, Xs, Xc, Y, rho, gate, ops, write), rho, gate
 
 
 def _sparse(Xc: Tensor, Y: Tensor, rho: Tensor, ops: DenseOperators, idx: tuple[Tensor, ...]) -> Tensor:
@@ -546,11 +606,13 @@ def _transform(xs: tuple[Tensor, ...], which: tuple[str, ...], block: BlockAdapt
     autograd = grad and any(x.requires_grad for x in xs)
     inplace = inplace and not autograd
     pack = rt.pack(block, which)
+    rotate = strength != 0.0 and pack.pairs > 0 and bool(active)  # rank 1: no pair to rotate
+    if not (rotate or return_risk):
+        return xs, None, None
     ops = rt.operators(block, which, strength, int(x0.shape[1]), L, txt_len, img_first, return_risk)
     S = len(xs)
     X = torch.stack(xs) if S > 1 else x0.unsqueeze(0)  # (S,B,H,L,D); a stack is the engine's own
     write = (S > 1 or inplace) and not autograd
-    rotate = strength != 0.0 and pack.pairs > 0 and bool(active)
 
     if not rotate:  # the risk map only
         _, _, Xc = _split(X, ops)
@@ -568,7 +630,7 @@ def _transform(xs: tuple[Tensor, ...], which: tuple[str, ...], block: BlockAdapt
     if G == 0:
         return xs, rho, gate
     if G > SPARSE_MAX_SHARE * gate.numel():
-        out = _write(X, Xh, Xs, Xc, _stage2(Xc, Y, rho, ops), gate, ops, write)
+        out = _rotate_write(X, Xh, Xs, Xc, Y, rho, gate, ops, write, all_gated=G == gate.numel())
         return (xs if out is X and S == 1 else tuple(out.unbind(0))), rho, gate
     values = _sparse(Xc, Y, rho, ops, idx).to(x0.dtype)  # (G, D)
     s, b, h, t = idx
