@@ -28,6 +28,7 @@ def test_engine_overhead_small_prints_every_figure():
             assert out[block][case]["base_s"] > 0 and out[block][case]["ratio"] > 0
     assert out["transform"]["max_abs_diff"] <= 1e-5 and out["transform"]["speedup"] > 0
     assert 0 < out["transform_share_of_double_block"] and "extra" in out["peak_rss_mb"]
+    assert 0 < out["op_counts"]["qk_device"]["computing"] <= 16 and out["op_counts"]["qk_device"]["top_level"] <= 40
 
 
 def test_train_step_small_runs_both_variants():
