@@ -195,11 +195,13 @@ def bench_diffusers(p: dict, device: torch.device, dtype: torch.dtype) -> dict:
         handle.remove()
     res["ratio"] = round(res["saferope"]["step_s"] / res["base"]["step_s"], 4)
     res["max_abs_diff_vs_base"] = _maxdiff(*outs)  # > 0: the transform acted
-    del model, inputs, outs
+    return res  # the model goes with this frame; the caller frees the memory
+
+
+def _free(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return res
 
 
 def compiled_child(p: dict, device: torch.device, dtype: torch.dtype, variant: str) -> dict:
@@ -332,7 +334,7 @@ def bench_comfy(p: dict, device: torch.device, dtype: torch.dtype) -> dict:
 
     comfy.cli_args.args.cpu = device.type == "cpu"
     import comfy.sample
-    import comfyui_version  # noqa: F401 - a ComfyUI tree is on the path
+    import comfyui_version  # a ComfyUI tree is on the path
 
     pack = _load_pack()
     t0 = time.perf_counter()
@@ -351,7 +353,7 @@ def bench_comfy(p: dict, device: torch.device, dtype: torch.dtype) -> dict:
     def run(m) -> Callable[[], Any]:  # FLUX.1-dev: cfg 1, one transformer call per step
         return lambda: comfy.sample.sample(m, noise, steps, 1.0, "euler", "simple", pos, pos, latent, disable_pbar=True)
 
-    res: dict[str, Any] = {"comfyui": sys.modules["comfyui_version"].__version__, "build_s": round(time.perf_counter() - t0, 2),
+    res: dict[str, Any] = {"comfyui": comfyui_version.__version__, "build_s": round(time.perf_counter() - t0, 2),
                            "hook": "attn1_patch (apply_qk)" if info.attn1_patch else "QK-norm object patches (apply)"}
     outs: list = []
     with torch.inference_mode():
@@ -395,6 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         "config": {k: v for k, v in p.items() if k not in ("warmup", "steps", "train_steps")},
         "timing": {"warmup": p["warmup"], "steps": p["steps"], "statistic": "median"},
         "step": {"eager": bench_diffusers(p, device, dtype)}}
+    _free(device)
     if not deadline.fits("comfyui"):
         report["comfyui"] = deadline.skipped("comfyui")
     else:
@@ -402,9 +405,7 @@ def main(argv: list[str] | None = None) -> int:
             report["comfyui"] = bench_comfy(p, device, dtype)
         except Exception as e:  # noqa: BLE001 - reported; the other figures stand
             report["comfyui"] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        _free(device)
     report["train"] = {"skipped": "--no-train"} if args.no_train else bench_train(p, args.small, device, deadline)
     report["step"]["compiled"] = {"skipped": "--no-compile"} if args.no_compile else bench_compiled(args.small, deadline)
     report["elapsed_s"] = round(time.perf_counter() - deadline.t0, 1)
