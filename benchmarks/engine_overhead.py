@@ -14,7 +14,9 @@ Measures, fp32 on the current device (CPU here):
   of the repeats (medians too), with their max abs difference; ``transform_share_of_double_block``
   is its time over the unpatched double block's;
 * ``peak_rss_mb``: peak resident memory of a fresh process running the double-block forward with
-  and without the patch (``extra`` is the difference).
+  and without the patch (``extra`` is the difference);
+* ``op_counts``: aten operations of one ``apply_qk`` call on this shape (``benchmarks/op_count.py``:
+  top-level and computing ones), on the device path (what CUDA runs) and on the CPU as shipped.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # op_count
 
 from saferope_engine import saferope_qk  # noqa: E402
 from saferope_engine.diffusers import apply_saferope, model_shapes  # noqa: E402
@@ -161,6 +164,15 @@ def bench_memory(preset: str) -> dict:
     return {"base": round(base, 1), "saferope": round(patched, 1), "extra": round(patched - base, 1)}
 
 
+def op_counts(p: dict) -> dict:
+    import op_count
+
+    with torch.inference_mode():
+        counts = op_count.measure(p)
+    return {case: {k: v for k, v in counts[case].items() if k != "computing_ops"}
+            for case in ("qk_device", "qk_device_bf16", "qk_cpu", "qk_cpu_none_gated")}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=sorted(PRESETS), default="flux-dev")
@@ -179,6 +191,7 @@ def main() -> None:
         "single_block": bench_block(p, 0, 1, args.repeats),
         "transform": bench_transform(p, args.repeats),
         "peak_rss_mb": bench_memory(args.preset),
+        "op_counts": op_counts(p),
     }
     # Design §7's "transform ≤ 2% of a block": q and k of one block, every token gated (the worst
     # case), against the unpatched double block; steadier than the ratio of two block timings.

@@ -15,12 +15,22 @@ hosts that hand both over call :func:`saferope_qk`. Tokens with ``g = 0``, every
 
 A sequence holds ``txt_len`` text tokens and then the image tokens, or — ``img_first`` — the
 image tokens first (diffusers' HunyuanImage and Z-Image put them first).
+
+Inference (no gradient into the generators) uses the closed form of :mod:`.rotation`, folded into
+one operator set per block (:class:`DenseOperators`): queries and keys of a block are stacked
+along a new leading dimension ``S`` (2; 1 for one tensor, or for grouped-query keys) and go
+through one projection, one complex rotation and one back-projection, with one masked write
+(:func:`fused_dense`). That function takes tensors only, never reads a value back to the host
+(no synchronisation with a GPU) and compiles with ``torch.compile(fullgraph=True)``. On the
+CPU, where reading the gate is free, the engine returns the inputs when no token is gated and
+updates only the gated tokens when they are few (:data:`SPARSE_MAX_SHARE`).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -28,10 +38,27 @@ from torch import Tensor
 from .adapter import SEGMENTS, BlockAdapter
 from .rotation import expm_apply_series, normal_form
 
-__all__ = ["BlockRisk", "saferope_qk", "saferope_x", "latent_risk", "segment_bounds"]
+__all__ = ["BlockRisk", "DenseOperators", "saferope_qk", "saferope_x", "latent_risk", "segment_bounds",
+           "fused_dense", "dense_operators"]
 
 _EPS = 1e-12
+#: ``√_EPS``: ``max(‖x‖, 1e-6)² = max(‖x‖², 1e-12)``, so ρ may be computed from the norm.
+_EPS_NORM = 1e-6
 WHICH = ("q", "k")
+
+#: On the CPU the engine reads the gate on the host (it is free there): no gated token -> the
+#: inputs come back unchanged; few -> only those are updated. Elsewhere (CUDA, any device) it
+#: never reads device values. ``False`` runs the device path on the CPU too (op-count benchmarks, tests).
+HOST_SHORTCUTS = True
+
+#: On the CPU the inference path updates only the gated tokens (gathered: usually a few prompt
+#: tokens) when they are at most this share of the span; otherwise it stays dense. 0 disables
+#: the gathered path.
+SPARSE_MAX_SHARE = 0.25
+
+#: Operator sets cached per block and device (one per strength × sequence layout seen); a full
+#: cache is emptied and refilled, which only costs a few small tensor operations.
+_MAX_CACHED_OPERATORS = 32
 
 
 @dataclass
@@ -73,13 +100,47 @@ def _rho(c: Tensor, x: Tensor) -> Tensor:
     return (c.square().sum(-1) / energy.clamp_min(_EPS)).clamp(0.0, 1.0)
 
 
+# -- precomputed operators -------------------------------------------------------------------------
+
+class DenseOperators(NamedTuple):
+    """Everything :func:`fused_dense` needs for one block, side set, strength and sequence layout.
+
+    ``S`` sides (q and k stacked, or one of them), ``n`` selected heads, ``M`` normal-form pairs
+    over both segments (``m = ⌊r/2⌋`` per segment with a generator), ``K = 2M + r (+1)`` even,
+    ``Ls = hi − lo`` tokens in the span that is transformed.
+
+    * ``proj`` ``(S, 1, n, D, K)``: ``[W_txt | W_img | U | 0-pad]``, ``W_seg = U·P_seg`` (the
+      pairs folded into the basis), so one projection gives a token's pair coordinates ``d`` and
+      its subspace coefficients ``c``;
+    * ``back`` ``(S, 1, n, 2M, D)``: ``[W_txt | W_img]ᵀ``;
+    * ``theta`` ``(S, 1, n, 1, M)``: ``α·θ_j`` of each pair;
+    * ``mask`` ``(Ls, M)``: 1 where pair ``j`` belongs to the segment of token ``lo + t``, else 0;
+    * ``gate_mask`` ``(Ls,)`` bool: tokens of a segment with a generator, or ``None`` when every
+      token of the span is one (the span then is exactly the active segments);
+    * ``heads`` ``(n,)``: the selected heads, or ``None`` when they are all heads in order;
+    * ``lo``, ``hi``: the span; ``r0``, ``rank``: where ``c`` sits in the projection.
+    """
+
+    proj: Tensor
+    back: Tensor
+    theta: Tensor
+    mask: Tensor
+    gate_mask: Tensor | None
+    heads: Tensor | None
+    lo: int
+    hi: int
+    r0: int
+    rank: int
+
+
 class _Side:
-    """Device copies of one side (q or k) of a block, and its folded closed-form operators."""
+    """Device copies of one side (q or k) of a block, and its normal form (float64, CPU)."""
 
     def __init__(self, block: BlockAdapter, which: str, device: torch.device, dtype: torch.dtype) -> None:
         heads = block.heads if which == "q" else block.k_heads
         self.rows = None if which == "q" else block.k_rows  # generator row of each key head
         self.heads = heads.to(device)
+        self.n = int(heads.numel())
         self.max_head = int(heads.max())
         self.is_arange = bool((heads == torch.arange(heads.numel())).all())
         self.U_src = block.U_q if which == "q" else block.U_k
@@ -92,8 +153,9 @@ class _Side:
         return A if A is None or self.rows is None else A[self.rows]
 
     def folded(self, block: BlockAdapter) -> dict:
-        """``proj: (n, D, K)`` = ``[W_txt | W_img | U | 0-pad]`` (K even), ``back: (n, 2M, D)``,
-        ``cols[seg] = (start, m)`` of the segment's pairs, ``theta[seg]: (n, m)``, ``r0`` = first column of U.
+        """float64 CPU ``proj: (n, D, K)`` = ``[W_txt | W_img | U | 0-pad]`` (K even), ``back: (n, 2M, D)``,
+        ``theta: (n, M)``, ``cols[seg] = (j0, m)``: the segment's pairs are ``j0 … j0+m−1`` (columns
+        ``2·j0 …`` of ``proj``), ``r0`` = first column of U.
 
         The closed form folds each segment's normal-form pairs into the basis: ``W_seg = U·P_seg``
         (``D × 2m``), so a token needs one projection ``xᵀ[W_txt | W_img | U]`` for both its rotation
@@ -102,22 +164,35 @@ class _Side:
         if self._folded is None:
             r = block.rank
             Ud = self.U_src.detach().double()
-            cols, theta, pieces, start = {}, {}, [], 0
+            cols, thetas, pieces, start = {}, [], [], 0
             for seg in SEGMENTS:
                 A = self.generator(block, seg)
                 if A is None or r < 2:
                     continue
                 P, th = normal_form(A)  # (n, r, 2m), (n, m) float64
                 m = th.shape[-1]
-                cols[seg], theta[seg] = (start, m), th.to(self.device, self.dtype)
+                cols[seg] = (start // 2, m)  # first pair, pairs
+                thetas.append(th)
                 pieces.append(Ud @ P)  # (n, D, 2m)
                 start += 2 * m
             pad = Ud.new_zeros(*Ud.shape[:-1], (start + r) % 2)  # keep K even: complex views need it
             W = torch.cat(pieces, dim=-1) if pieces else Ud[..., :0]  # (n, D, 2M)
-            self._folded = {"proj": torch.cat([W, Ud, pad], dim=-1).to(self.device, self.dtype).contiguous(),
-                            "back": W.transpose(-1, -2).to(self.device, self.dtype).contiguous(),  # (n, 2M, D)
-                            "cols": cols, "theta": theta, "r0": start}
+            theta = torch.cat(thetas, dim=-1) if thetas else Ud.new_zeros(Ud.shape[0], 0)  # (n, M)
+            self._folded = {"proj": torch.cat([W, Ud, pad], dim=-1), "back": W.transpose(-1, -2),
+                            "theta": theta, "cols": cols, "r0": start}
         return self._folded
+
+
+class _Pack:
+    """The folded operators of a tuple of sides, stacked on the device: ``proj (S,1,n,D,K)``,
+    ``back (S,1,n,2M,D)``, ``theta (S,1,n,1,M)`` (unscaled)."""
+
+    def __init__(self, proj: Tensor, back: Tensor, theta: Tensor, sides: list[_Side], cols: dict, r0: int) -> None:
+        self.proj, self.back, self.theta = proj, back, theta
+        self.sides, self.cols, self.r0 = sides, cols, r0
+        self.pairs = int(theta.shape[-1])
+        s0 = sides[0]  # the heads are equal for every side of a pack
+        self.heads, self.n, self.is_arange = s0.heads, s0.n, s0.is_arange
 
 
 class _Runtime:
@@ -130,11 +205,67 @@ class _Runtime:
     def __init__(self, block: BlockAdapter, device: torch.device, dtype: torch.dtype) -> None:
         self.sources = _sources(block)
         self.versions = _versions(self.sources)
+        self.device, self.dtype = device, dtype
         self.side = {w: _Side(block, w, device, dtype) for w in WHICH}
+        self._packs: dict[tuple, _Pack] = {}
+        self._ops: dict[tuple, DenseOperators] = {}
 
     def valid_for(self, block: BlockAdapter) -> bool:
         now = _sources(block)
         return all(a is b for a, b in zip(now, self.sources)) and _versions(now) == self.versions
+
+    def pack(self, block: BlockAdapter, which: tuple[str, ...]) -> _Pack:
+        p = self._packs.get(which)
+        if p is not None:
+            return p
+        if len(which) == 1 and block.kv_group == 1:  # a slice of the q-k pack: no second copy
+            full = self.pack(block, WHICH)
+            s = WHICH.index(which[0])
+            p = _Pack(full.proj[s:s + 1], full.back[s:s + 1], full.theta[s:s + 1], [self.side[which[0]]],
+                      full.cols, full.r0)
+        else:
+            sides = [self.side[w] for w in which]
+            folded = [s.folded(block) for s in sides]
+            dev = dict(device=self.device, dtype=self.dtype)
+            proj = torch.stack([f["proj"] for f in folded]).unsqueeze(1).to(**dev).contiguous()  # (S,1,n,D,K)
+            back = torch.stack([f["back"] for f in folded]).unsqueeze(1).to(**dev).contiguous()  # (S,1,n,2M,D)
+            theta = torch.stack([f["theta"] for f in folded])[:, None, :, None, :].to(**dev).contiguous()  # (S,1,n,1,M)
+            p = _Pack(proj, back, theta, sides, folded[0]["cols"], folded[0]["r0"])
+        self._packs[which] = p
+        return p
+
+    def operators(self, block: BlockAdapter, which: tuple[str, ...], strength: float, H: int, L: int, txt_len: int,
+                  img_first: bool, full: bool) -> DenseOperators:
+        """The cached :class:`DenseOperators` for ``(…, H, L, D)`` tensors (``full``: the span is every token)."""
+        key = (which, strength, H, L, txt_len, img_first, full)
+        ops = self._ops.get(key)
+        if ops is None:
+            if len(self._ops) >= _MAX_CACHED_OPERATORS:
+                self._ops.clear()
+            ops = self._ops[key] = self._build(block, which, strength, H, L, txt_len, img_first, full)
+        return ops
+
+    def _build(self, block: BlockAdapter, which: tuple[str, ...], strength: float, H: int, L: int, txt_len: int,
+               img_first: bool, full: bool) -> DenseOperators:
+        p = self.pack(block, which)
+        bounds = segment_bounds(L, txt_len, img_first)
+        active = [s for s in SEGMENTS if block.generator(s) is not None and bounds[s][1] > bounds[s][0]]
+        lo, hi = (0, L) if full else _active_span(bounds, active)
+        # Built with device operations only: no host-to-device copy, no synchronisation.
+        t = torch.arange(lo, hi, device=self.device)  # (Ls,) token positions
+        mask = torch.zeros(hi - lo, p.pairs, device=self.device, dtype=self.dtype)  # (Ls, M)
+        for seg, (start, m) in p.cols.items():
+            a, b = bounds[seg]
+            mask[:, start:start + m] = ((t >= a) & (t < b)).unsqueeze(-1).to(self.dtype)
+        gate_mask = None
+        if (lo, hi) != _active_span(bounds, active) or len(active) == 0:
+            gate_mask = torch.zeros(hi - lo, dtype=torch.bool, device=self.device)
+            for seg in active:
+                a, b = bounds[seg]
+                gate_mask |= (t >= a) & (t < b)
+        return DenseOperators(proj=p.proj, back=p.back, theta=p.theta * strength, mask=mask, gate_mask=gate_mask,
+                              heads=None if p.is_arange and p.n == H else p.heads,  # no gather for all heads in order
+                              lo=lo, hi=hi, r0=p.r0, rank=block.rank)
 
 
 def _sources(block: BlockAdapter) -> tuple:
@@ -148,13 +279,212 @@ def _versions(sources: tuple) -> tuple:
 
 
 def _runtime(block: BlockAdapter, device: torch.device, dtype: torch.dtype) -> _Runtime:
-    key = (str(device), dtype)
+    key = (device, dtype)
     rt = block._runtime.get(key)
+    if torch.compiler.is_compiling():
+        # Traced by torch.compile: object identity is traced (and guarded), version counters are
+        # not (dynamo would freeze them), so in-place edits of an adapter's tensors are seen by
+        # eager calls only. Building the runtime is not traceable: a graph break, once.
+        if rt is None or not all(a is b for a, b in zip(_sources(block), rt.sources)):
+            rt = _new_runtime(block, device, dtype)
+        return rt
     if rt is None or not rt.valid_for(block):
-        rt = _Runtime(block, device, dtype)
-        block._runtime[key] = rt
+        rt = _new_runtime(block, device, dtype)
     return rt
 
+
+@torch.compiler.disable
+def _new_runtime(block: BlockAdapter, device: torch.device, dtype: torch.dtype) -> _Runtime:
+    rt = block._runtime[(device, dtype)] = _Runtime(block, device, dtype)
+    return rt
+
+
+def dense_operators(block: BlockAdapter, x: Tensor, which: tuple[str, ...] = WHICH, *, txt_len: int,
+                    img_first: bool = False, strength: float = 1.0, return_risk: bool = False) -> DenseOperators:
+    """The cached operators :func:`fused_dense` uses for ``x`` (``(B, H, L, D)``, one side's shape).
+
+    For callers that compile :func:`fused_dense` themselves: look them up outside the compiled
+    region (the lookup validates the cache on the host), pass them in.
+    """
+    rt = _runtime(block, x.device, _compute_dtype(x))
+    return rt.operators(block, which, strength, int(x.shape[1]), int(x.shape[2]), txt_len, img_first, return_risk)
+
+
+# -- the dense transform (any device; no host reads) -------------------------------------------------
+
+def _merges(t: Tensor, groups: tuple[tuple[int, ...], ...]) -> bool:
+    """Whether each group of dimensions of ``t`` (in order, outermost first) views as one dimension."""
+    for g in groups:
+        dims = [(t.shape[d], t.stride()[d]) for d in g if t.shape[d] > 1]
+        if not all(a_st == b_n * b_st for (_, a_st), (b_n, b_st) in zip(dims, dims[1:])):
+            return False
+    return True
+
+
+_HEAD_MAJOR = ((0, 2), (1, 3))  # (S, n) -> batch, (B, Ls) -> rows
+_SAMPLE_MAJOR = ((0, 1, 2),)  # (S, B, n) -> batch, Ls rows
+
+
+def _head_major(t: Tensor) -> bool:
+    """The batched products' layout for ``t`` ``(S, B, n, Ls, ·)``: ``(S·n, B·Ls, ·)`` (head-major:
+    few large products, the operators need no copy per sample) when its memory allows, else
+    ``(S·B·n, Ls, ·)``. Compiled graphs always use the head-major one (inductor lays out memory)."""
+    return t.shape[1] == 1 or torch.compiler.is_compiling() or _merges(t, _HEAD_MAJOR)
+
+
+def _view3(t: Tensor, head: bool) -> Tensor:
+    """``(S, B, n, Ls, c)`` -> ``(S·n, B·Ls, c)`` (head-major) or ``(S·B·n, Ls, c)``; a view where the memory allows."""
+    S, B, n, Ls, c = t.shape
+    return t.transpose(1, 2).reshape(S * n, B * Ls, c) if head and B > 1 else t.reshape(S * B * n, Ls, c)
+
+
+def _view5(t3: Tensor, shape: torch.Size, head: bool) -> Tensor:
+    """Inverse of :func:`_view3` (a view): ``(G, R, c)`` -> ``(S, B, n, Ls, c)``."""
+    S, B, n, Ls = shape[:4]
+    return t3.view(S, n, B, Ls, -1).transpose(1, 2) if head and B > 1 else t3.view(S, B, n, Ls, -1)
+
+
+def _operator3(op: Tensor, B: int, head: bool) -> Tensor:
+    """Per-head operator ``(S, 1, n, a, b)`` for the batched products: ``(S·n, a, b)`` (a view), or
+    repeated per sample ``(S·B·n, a, b)`` (a copy when ``B > 1``)."""
+    S, _, n, a, b = op.shape
+    return op.view(S * n, a, b) if head or B == 1 else op.expand(S, B, n, a, b).reshape(S * B * n, a, b)
+
+
+def _stage1(Xc: Tensor, ops: DenseOperators, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
+    """Projection and risk: ``Y = X·proj``, ``ρ = clamp(‖c / max(‖x‖, 1e-6)‖², 0, 1)``, ``gate = ρ > τ``.
+
+    ``Xc`` ``(S, B, n, Ls, D)`` in the compute dtype -> ``Y (S,B,n,Ls,K)``, ``ρ``, ``gate`` ``(S,B,n,Ls)``.
+    """
+    head = _head_major(Xc)
+    Y3 = torch.bmm(_view3(Xc, head), _operator3(ops.proj, Xc.shape[1], head))  # (G,R,D) @ (G,D,K) -> (G,R,K)
+    Y = _view5(Y3, Xc.shape, head)  # (S,B,n,Ls,K)
+    norm = torch.linalg.vector_norm(Xc, dim=-1, keepdim=True).clamp_min(_EPS_NORM)  # (S,B,n,Ls,1)
+    c = Y[..., ops.r0:ops.r0 + ops.rank] / norm  # (S,B,n,Ls,r): coefficients of x/‖x‖
+    rho = torch.linalg.vecdot(c, c).clamp(0.0, 1.0)  # (S,B,n,Ls)
+    gate = rho > threshold
+    if ops.gate_mask is not None:  # only with a risk map over tokens of segments without a generator
+        gate = gate & ops.gate_mask
+    return Y, rho, gate
+
+
+def _stage2(Xc: Tensor, Y: Tensor, rho: Tensor, ops: DenseOperators, inplace: bool = False) -> Tensor:
+    """Rotated span ``x + W·(mask ⊙ (e^{iαρθ} − 1) ⊙ z)`` for every token (gated or not).
+
+    ``z_j = d_{2j} + i·d_{2j+1}`` are the pair coordinates from ``Y``; the mask keeps each token's
+    own segment's pairs (the others get ``polar(0, φ) − 0 = 0``). -> ``(S, B, n, Ls, D)``:
+    ``Xc`` itself, updated in place, with ``inplace``, else a new tensor.
+    """
+    M = ops.theta.shape[-1]
+    phi = rho.unsqueeze(-1) * ops.theta  # (S,B,n,Ls,1) * (S,1,n,1,M) -> (S,B,n,Ls,M): α·ρ·θ_j
+    if torch.compiler.is_compiling():
+        dd = _pair_deltas_real(Y[..., :2 * M], phi, ops.mask)  # inductor fuses real arithmetic, not complex
+    else:
+        z = torch.view_as_complex(Y[..., :2 * M].unflatten(-1, (M, 2)))  # (S,B,n,Ls,M) pairs as a + ib
+        rot = torch.polar(ops.mask, phi) - ops.mask  # mask·(e^{iφ} − 1); (Ls,M) broadcasts
+        dd = torch.view_as_real(z * rot).flatten(-2)  # (S,B,n,Ls,M,2) -> (S,B,n,Ls,2M)
+    head = _head_major(Xc)
+    dd3, back3 = _view3(dd, head), _operator3(ops.back, Xc.shape[1], head)  # (G,R,2M), (G,2M,D)
+    if inplace and not torch.compiler.is_compiling() and _merges(Xc, _HEAD_MAJOR if head else _SAMPLE_MAJOR):
+        _view3(Xc, head).baddbmm_(dd3, back3)  # a view of Xc: x += Δd·Wᵀ in place
+        return Xc
+    return _view5(torch.baddbmm(_view3(Xc, head), dd3, back3), Xc.shape, head)  # x + Δd·Wᵀ
+
+
+def _pair_deltas_real(d: Tensor, phi: Tensor, mask: Tensor) -> Tensor:
+    """:func:`_stage2`'s ``mask·(e^{iφ} − 1)·z`` in real arithmetic (what ``torch.compile`` traces).
+
+    ``d`` ``(…, 2M)`` pair coordinates ``(a_j, b_j)``, ``phi`` ``(…, M)``, ``mask`` ``(Ls, M)``:
+    ``Δa = a·c − b·s``, ``Δb = a·s + b·c`` with ``c = mask·(cos φ − 1) = −2·mask·sin²(φ/2)``,
+    ``s = mask·sin φ``. -> ``(…, 2M)``.
+    """
+    a, b = d[..., 0::2], d[..., 1::2]  # (…, M) each
+    half = torch.sin(0.5 * phi)
+    c = -2.0 * half * half * mask
+    s = torch.sin(phi) * mask
+    return torch.stack((a * c - b * s, a * s + b * c), dim=-1).flatten(-2)  # (…, M, 2) -> (…, 2M)
+
+
+def _rotate_write(X: Tensor, Xh: Tensor, Xs: Tensor, Xc: Tensor, Y: Tensor, rho: Tensor, gate: Tensor,
+                  ops: DenseOperators, write: bool, all_gated: bool = False) -> Tensor:
+    """Rotate the gated tokens; every other element of ``X`` stays bit-identical. -> ``(S, B, H, L, D)``.
+
+    ``write``: ``X`` is the engine's own (stacked, or the caller's with ``inplace``) and autograd is
+    off: the gated tokens are written into it (one masked write), else a new tensor is built.
+    ``all_gated`` (known on the CPU only): every token of the span is gated, so no selection is needed.
+    """
+    g = gate.unsqueeze(-1)  # (S,B,n,Ls,1)
+    if write and not torch.compiler.is_compiling():  # compiled graphs are functional anyway (and refuse strided out=)
+        if all_gated:  # x' = x + Δ for every token: in place (in X, or in its compute-dtype copy)
+            new = _stage2(Xc, Y, rho, ops, inplace=True)
+            if new is not Xs:
+                Xs.copy_(new)  # the cast back
+        else:  # a compute-dtype copy is the engine's own: rotate it in place, then select
+            new = _stage2(Xc, Y, rho, ops, inplace=Xc is not Xs)
+            torch.where(g, new.to(Xs.dtype), Xs, out=Xs)  # ungated tokens: Xs itself
+        if ops.heads is not None:
+            X.index_copy_(2, ops.heads, Xh)
+        return X
+    new = _stage2(Xc, Y, rho, ops)
+    ys = (new if all_gated else torch.where(g, new, Xc)).to(X.dtype)  # (S,B,n,Ls,D)
+    if (ops.lo, ops.hi) != (0, X.shape[3]):
+        ys = torch.cat((Xh[..., :ops.lo, :], ys, Xh[..., ops.hi:, :]), dim=3)  # (S,B,n,L,D)
+    return ys if ops.heads is None else X.index_copy(2, ops.heads, ys)
+
+
+def _split(X: Tensor, ops: DenseOperators) -> tuple[Tensor, Tensor, Tensor]:
+    """``Xh (S,B,n,L,D)`` selected heads, ``Xs`` their span (a view), ``Xc`` that in the compute dtype.
+
+    ``Xc`` is ``Xs`` itself for float32/float64 inputs whose memory suits the batched products (one
+    of the layouts of :func:`_head_major`); other layouts (a ``(B, L, H, D)`` tensor seen as
+    ``(B, H, L, D)``, diffusers' hooks, on part of the tokens, ``B > 1``) get one head-major copy
+    instead of a copy in every product.
+    """
+    Xh = X if ops.heads is None else X.index_select(2, ops.heads)
+    Xs = Xh[..., ops.lo:ops.hi, :]  # (S,B,n,Ls,D) view
+    Xc = Xs.to(_compute_dtype(X))
+    if not (torch.compiler.is_compiling() or _head_major(Xc) or _merges(Xc, _SAMPLE_MAJOR)):
+        Xc = Xc.transpose(1, 2).contiguous().transpose(1, 2)  # (S,n,B,Ls,D) memory, (S,B,n,Ls,D) view
+    return Xh, Xs, Xc
+
+
+def fused_dense(X: Tensor, ops: DenseOperators, threshold: float, write: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """SafeRoPE of stacked queries and keys (or one tensor) with precomputed operators, on any device.
+
+    Args:
+        X: ``(S, B, H, L, D)``: ``torch.stack((q, k))`` (``S = 2``) or ``x.unsqueeze(0)``; any float dtype
+            (computed in float32, float64 stays float64).
+        ops: from :func:`dense_operators` (the same side tuple, strength and layout).
+        threshold: ``τ``.
+        write: ``X`` may be overwritten (the caller owns it and autograd does not record): the
+            rotated tokens are written into it and ``X`` itself is returned.
+
+    Returns:
+        ``(X', ρ, gate)``: ``X'`` ``(S, B, H, L, D)`` in ``X``'s dtype, ungated tokens and unselected
+        heads bit-identical; ``ρ`` and ``gate`` ``(S, B, n, Ls)`` over the span ``ops.lo:ops.hi``.
+
+    Reads nothing back to the host and traces with ``torch.compile(fullgraph=True)``.
+    """
+    Xh, Xs, Xc = _split(X, ops)
+    Y, rho, gate = _stage1(Xc, ops, threshold)
+    return _rotate_write(X, Xh, Xs, Xc, Y, rho, gate, ops, write), rho, gate
+
+
+def _sparse(Xc: Tensor, Y: Tensor, rho: Tensor, ops: DenseOperators, idx: tuple[Tensor, ...]) -> Tensor:
+    """The CPU's gathered path: new values ``(G, D)`` of the ``G`` gated tokens ``idx = (s, b, h, t)``."""
+    S, _, n, _, D = Xc.shape
+    s, _, h, t = idx
+    M = ops.theta.shape[-1]
+    yg = Y[idx]  # (G, K)
+    z = torch.view_as_complex(yg[:, :2 * M].unflatten(-1, (M, 2)))  # (G, M)
+    mask = ops.mask[t]  # (G, M)
+    phi = rho[idx].unsqueeze(-1) * ops.theta.view(S, n, M)[s, h]  # (G,1) * (G,M)
+    dd = torch.view_as_real(z * (torch.polar(mask, phi) - mask)).flatten(-2)  # (G, 2M)
+    back = ops.back.view(S, n, 2 * M, D)[s, h]  # (G, 2M, D)
+    return torch.baddbmm(Xc[idx].unsqueeze(1), dd.unsqueeze(1), back).squeeze(1)  # (G,1,D) -> (G,D)
+
+
+# -- entry points -----------------------------------------------------------------------------------
 
 def _check(x: Tensor, block: BlockAdapter, txt_len: int, strength: float, threshold: float) -> None:
     if x.ndim != 4:
@@ -191,18 +521,33 @@ def saferope_qk(q: Tensor, k: Tensor, block: BlockAdapter, *, txt_len: int, img_
             records (training, or inputs that require grad).
 
     Returns:
-        ``(q', k')`` or ``(q', k', BlockRisk)``. Outputs are new tensors when anything changed and
-        the input objects otherwise. Differentiable with respect to ``x`` and, when the generators
-        require grad, with respect to them (a scaled Taylor series replaces the closed form then).
+        ``(q', k')`` or ``(q', k', BlockRisk)``. Outputs are the input objects when nothing changed
+        (known without a device read: strength 0, no generator for the tokens; on the CPU also no
+        gated token), new tensors (or, with ``inplace``, possibly the inputs) otherwise.
+        Differentiable with respect to ``x`` and, when the generators require grad, with respect
+        to them (a scaled Taylor series replaces the closed form then).
+
+    Queries and keys of equal shape, dtype and device go through one fused pass (stacked); keys
+    with fewer heads (grouped-query attention) and the training path go through
+    :func:`saferope_x` once per tensor.
     """
     if q.ndim != 4 or k.ndim != 4 or q.shape[0] != k.shape[0] or q.shape[2:] != k.shape[2:]:
         raise ValueError(f"q and k must both be (B, H, L, D) with equal B, L, D, got {tuple(q.shape)} and {tuple(k.shape)}")
-    inplace = inplace and q is not k
-    outs = [saferope_x(x, block, w, txt_len=txt_len, img_first=img_first, strength=strength, threshold=threshold,
-                       return_risk=return_risk, inplace=inplace) for x, w in ((q, "q"), (k, "k"))]
-    if not return_risk:
-        return outs[0], outs[1]
-    (q2, rho_q, gate_q), (k2, rho_k, gate_k) = outs
+    fused = (q.shape == k.shape and q.dtype == k.dtype and q.device == k.device and block.kv_group == 1
+             and not (torch.is_grad_enabled() and any(a is not None and a.requires_grad for a in (block.A_txt, block.A_img))))
+    if fused:
+        (q2, k2), rho, gate = _transform((q, k), WHICH, block, txt_len=txt_len, img_first=img_first, strength=strength,
+                                         threshold=threshold, return_risk=return_risk, inplace=inplace and q is not k)
+        if not return_risk:
+            return q2, k2
+        rho_q, rho_k, gate_q, gate_k = rho[0], rho[1], gate[0], gate[1]
+    else:
+        inplace = inplace and q is not k
+        outs = [saferope_x(x, block, w, txt_len=txt_len, img_first=img_first, strength=strength, threshold=threshold,
+                           return_risk=return_risk, inplace=inplace) for x, w in ((q, "q"), (k, "k"))]
+        if not return_risk:
+            return outs[0], outs[1]
+        (q2, rho_q, gate_q), (k2, rho_k, gate_k) = outs
     rt = _runtime(block, q.device, _compute_dtype(q))
     risk = BlockRisk(heads=rt.side["q"].heads, txt_len=txt_len, rho_q=rho_q.float(), rho_k=rho_k.float(),
                      gated_q=gate_q, gated_k=gate_k, heads_k=rt.side["k"].heads, img_first=img_first)
@@ -222,124 +567,103 @@ def saferope_x(x: Tensor, block: BlockAdapter, which: str, *, txt_len: int, img_
     """
     if which not in WHICH:
         raise ValueError(f"which must be 'q' or 'k', got {which!r}")
-    _check(x, block, txt_len, strength, threshold)
-    L = x.shape[2]
-    bounds = segment_bounds(L, txt_len, img_first)
-    active = tuple(s for s in SEGMENTS if block.generator(s) is not None and bounds[s][1] > bounds[s][0])
-    if not return_risk and (strength == 0.0 or not active):
-        return x
-
-    cdtype = _compute_dtype(x)
-    side = _runtime(block, x.device, cdtype).side[which]
-    if side.max_head >= x.shape[1]:
-        raise ValueError(f"block {block.key}: adapter selects {which} head {side.max_head}, the tensor has {x.shape[1]} heads")
-    all_heads = side.is_arange and side.heads.numel() == x.shape[1]  # no gather/scatter needed
-    train = torch.is_grad_enabled() and any(block.generator(s).requires_grad for s in active)
-    inplace = inplace and not train and not (torch.is_grad_enabled() and x.requires_grad)
-    xs = x if all_heads else x.index_select(1, side.heads)  # (B,H,L,D) -> (B,n,L,D)
-    xc = xs.to(cdtype)  # xs itself for float32 inputs
-    if train:
-        y, rho, gate = _series(xc, block, side, bounds, active, strength, threshold)
-    else:
-        y, rho, gate = _closed(xc, block, side, bounds, active, strength, threshold,
-                               full_risk=return_risk, inplace=inplace and xc is xs)
-    if y is None:  # nothing rotated
-        out = x
-    else:
-        y = y.to(x.dtype)
-        out = y if all_heads else (x.index_copy_(1, side.heads, y) if inplace else x.index_copy(1, side.heads, y))
-    return (out, rho, gate) if return_risk else out
+    (out,), rho, gate = _transform((x,), (which,), block, txt_len=txt_len, img_first=img_first, strength=strength,
+                                   threshold=threshold, return_risk=return_risk, inplace=inplace)
+    return (out, rho[0], gate[0]) if return_risk else out
 
 
-def _nothing_to_do(x: Tensor, gate: Tensor, strength: float) -> bool:
-    # .any() synchronises with the device, so the early exit is taken on the CPU only, where it is free.
-    return strength == 0.0 or (x.device.type == "cpu" and not bool(gate.any()))
-
-
-#: On the CPU the inference path updates only the gated tokens (gathered: usually a few prompt
-#: tokens) when they are at most this share of the span; elsewhere it stays dense, because
-#: finding them would synchronise with the device. 0 disables the sparse path.
-SPARSE_MAX_SHARE = 0.25
-
-
-def _active_span(bounds: dict, active: tuple) -> tuple[int, int]:
+def _active_span(bounds: dict, active: list | tuple) -> tuple[int, int]:
     """Smallest token range holding every active segment (text-only adapters skip the image)."""
     if not active:
         return 0, 0
     return min(bounds[s][0] for s in active), max(bounds[s][1] for s in active)
 
 
-def _closed(xf: Tensor, block: BlockAdapter, side: _Side, bounds: dict, active: tuple,
-            strength: float, threshold: float, full_risk: bool = False, inplace: bool = False):
-    """Inference path: closed-form rotations from the folded normal form (no per-token r×r matrix).
+def _transform(xs: tuple[Tensor, ...], which: tuple[str, ...], block: BlockAdapter, *, txt_len: int, img_first: bool,
+               strength: float, threshold: float, return_risk: bool, inplace: bool):
+    """SafeRoPE of ``xs`` (q and k of equal shape, or one tensor) -> ``(outs, ρ, gate)``.
 
-    Works on the token span of the active segments only; returns ``(x' or None, ρ, gate)``, ρ and
-    gate over that span, or over every token with ``full_risk`` (the risk map; same ``x'``).
+    ``ρ`` and ``gate`` are ``(S, B, n, L)`` over every token with ``return_risk``, else ``None``.
     """
-    f = side.folded(block)
-    r0, r = f["r0"], block.rank
-    L = xf.shape[2]
-    lo, hi = _active_span(bounds, active)
-    xs = xf[:, :, lo:hi]  # (B,n,L,D) -> (B,n,Ls,D) view
-    rel = {seg: (min(max(a - lo, 0), hi - lo), min(max(b - lo, 0), hi - lo)) for seg, (a, b) in bounds.items()}
-    y = torch.matmul(xs, f["proj"])  # (B,n,Ls,D) @ (n,D,K) -> (B,n,Ls,K): [d_txt | d_img | c | pad]
-    rho = _rho(y[..., r0:r0 + r], xs)  # (B,n,Ls)
-    gate = rho > threshold  # every token of the span is in an active segment
-    if full_risk and (lo, hi) != (0, L):  # the risk map covers every token; nothing outside the span is gated
-        rho_all = torch.cat([latent_risk(xf[:, :, :lo], side.U)[0], rho,
-                             latent_risk(xf[:, :, hi:], side.U)[0]], dim=2)  # (B,n,L)
-        gate_all = torch.zeros_like(rho_all, dtype=torch.bool)
-        gate_all[:, :, lo:hi] = gate
-        ret_rho, ret_gate = rho_all, gate_all
+    x0 = xs[0]
+    _check(x0, block, txt_len, strength, threshold)
+    L = int(x0.shape[2])
+    bounds = segment_bounds(L, txt_len, img_first)
+    active = tuple(s for s in SEGMENTS if block.generator(s) is not None and bounds[s][1] > bounds[s][0])
+    if not return_risk and (strength == 0.0 or not active):
+        return xs, None, None
+
+    cdtype = _compute_dtype(x0)
+    rt = _runtime(block, x0.device, cdtype)
+    for w in which:
+        side = rt.side[w]
+        if side.max_head >= x0.shape[1]:
+            raise ValueError(f"block {block.key}: adapter selects {w} head {side.max_head}, the tensor has {x0.shape[1]} heads")
+    grad = torch.is_grad_enabled()
+    if grad and any(block.generator(s).requires_grad for s in active):
+        return _train(xs[0], block, rt.side[which[0]], bounds, active, strength, threshold, return_risk)
+
+    autograd = grad and any(x.requires_grad for x in xs)
+    inplace = inplace and not autograd
+    pack = rt.pack(block, which)
+    rotate = strength != 0.0 and pack.pairs > 0 and bool(active)  # rank 1: no pair to rotate
+    if not (rotate or return_risk):
+        return xs, None, None
+    ops = rt.operators(block, which, strength, int(x0.shape[1]), L, txt_len, img_first, return_risk)
+    S = len(xs)
+    X = torch.stack(xs) if S > 1 else x0.unsqueeze(0)  # (S,B,H,L,D); a stack is the engine's own
+    write = (S > 1 or inplace) and not autograd
+
+    if not rotate:  # the risk map only
+        _, _, Xc = _split(X, ops)
+        _, rho, gate = _stage1(Xc, ops, threshold)
+        return xs, rho, gate
+    if not (HOST_SHORTCUTS and X.device.type == "cpu") or torch.compiler.is_compiling():
+        out, rho, gate = fused_dense(X, ops, threshold, write)
+        return (xs if out is X and S == 1 else tuple(out.unbind(0))), rho, gate
+
+    # CPU: reading the gate is free.
+    Xh, Xs, Xc = _split(X, ops)
+    Y, rho, gate = _stage1(Xc, ops, threshold)
+    idx = gate.nonzero(as_tuple=True)  # (s, b, head, token) of the G gated tokens
+    G = int(idx[0].numel())
+    if G == 0:
+        return xs, rho, gate
+    if G > SPARSE_MAX_SHARE * gate.numel():
+        out = _rotate_write(X, Xh, Xs, Xc, Y, rho, gate, ops, write, all_gated=G == gate.numel())
+        return (xs if out is X and S == 1 else tuple(out.unbind(0))), rho, gate
+    values = _sparse(Xc, Y, rho, ops, idx).to(x0.dtype)  # (G, D)
+    s, b, h, t = idx
+    heads = h if ops.heads is None else ops.heads[h]
+    if ops.lo:
+        t = t + ops.lo
+    if S > 1 and write and not inplace:  # into the stack (the engine's own; autograd may still need it otherwise)
+        X.index_put_((s, b, heads, t), values)
+        return tuple(X.unbind(0)), rho, gate
+    outs = xs if inplace else tuple(x.clone() for x in xs)  # ungated tokens: exact copies (or untouched, in place)
+    for i, dst in enumerate(outs):
+        sel = (slice(None),) if S == 1 else (s == i,)
+        dst.index_put_((b[sel], heads[sel], t[sel]), values[sel])
+    return outs, rho, gate
+
+
+def _train(x: Tensor, block: BlockAdapter, side: _Side, bounds: dict, active: tuple, strength: float,
+           threshold: float, return_risk: bool):
+    """Training path of one tensor (generators require grad): the differentiable series."""
+    all_heads = side.is_arange and side.n == x.shape[1]
+    xs = x if all_heads else x.index_select(1, side.heads)  # (B,H,L,D) -> (B,n,L,D)
+    y, rho, gate = _series(xs.to(_compute_dtype(x)), block, side, bounds, active, strength, threshold)
+    if y is None:
+        out = x
     else:
-        ret_rho, ret_gate = rho, gate
-    if strength == 0.0 or not f["cols"]:
-        return None, ret_rho, ret_gate
-    # On the CPU the gated tokens' positions are free to read: none -> nothing to do; few -> gather them.
-    idx = gate.nonzero(as_tuple=True) if xf.device.type == "cpu" else None  # (b, head, token) of G gated tokens
-    if idx is not None and idx[0].numel() == 0:
-        return None, ret_rho, ret_gate
-    s = torch.where(gate, strength * rho, torch.zeros_like(rho))  # (B,n,Ls) angle scale, exactly 0 where ungated
-    if idx is not None and idx[0].numel() <= SPARSE_MAX_SHARE * gate.numel():
-        out = xf if inplace else xf.clone()  # ungated tokens: exact copies (or untouched, in place)
-        seg_of = {seg: (idx[2] >= rel[seg][0]) & (idx[2] < rel[seg][1]) for seg in f["cols"]}  # (G,) each
-        dd = _pair_deltas(y[idx], s[idx], f, seg_of, idx[1])  # (G,K), (G,) -> (G,2M)
-        dx = torch.bmm(dd.unsqueeze(1), f["back"][idx[1]]).squeeze(1)  # (G,1,2M) @ (G,2M,D) -> (G,D)
-        span = out[:, :, lo:hi]  # a view: assigning through it writes into out
-        span[idx] = xs[idx] + dx  # the right side is gathered before the write
-        return out, ret_rho, ret_gate
-    seg_of = {seg: _span_mask(*rel[seg], like=s) for seg in f["cols"]}  # (Ls,) each
-    dd = _pair_deltas(y, s, f, seg_of, None)  # (B,n,Ls,2M)
-    dx = torch.matmul(dd, f["back"])  # (B,n,Ls,2M) @ (n,2M,D) -> (B,n,Ls,D)
-    new = torch.where(gate.unsqueeze(-1), dx.add_(xs), xs)  # x + Δx; ungated tokens: exact copies
-    if (lo, hi) != (0, L):
-        new = torch.cat([xf[:, :, :lo], new, xf[:, :, hi:]], dim=2)  # (B,n,L,D)
-    return new, ret_rho, ret_gate
+        y = y.to(x.dtype)
+        out = y if all_heads else x.index_copy(1, side.heads, y)
+    return (out,), (rho.unsqueeze(0) if return_risk else None), (gate.unsqueeze(0) if return_risk else None)
 
 
-def _pair_deltas(y: Tensor, s: Tensor, f: dict, seg_of: dict, head: Tensor | None) -> Tensor:
-    """``(e^{i·s·θ} − 1)·z`` for every normal-form pair ``z = d_{2j} + i·d_{2j+1}``, as real ``(…, 2M)``.
-
-    ``y``: ``(…, K)`` projections, ``s``: ``(…)`` angle scales, ``seg_of[seg]``: where a token belongs to
-    ``seg`` (broadcasts against ``s``); ``head``: per-token head index (gathered tokens) or ``None``
-    (dense ``(B,n,Ls)`` layout, θ broadcast over heads).
-    """
-    parts = []
-    for seg, (start, m) in f["cols"].items():
-        theta = f["theta"][seg]  # (n, m)
-        th = theta[head] if head is not None else theta.unsqueeze(1)  # (G,m) | (n,1,m)
-        s_seg = s if len(f["cols"]) == 1 else s * seg_of[seg]  # s is 0 outside the span's active segments
-        z = torch.view_as_complex(y[..., start:start + 2 * m].unflatten(-1, (m, 2)))  # (…,m) pairs as a + ib
-        phi = s_seg.unsqueeze(-1) * th  # (…,1) * θ -> (…,m)
-        rot = torch.polar(torch.ones_like(phi), phi)  # e^{iφ}
-        parts.append(torch.view_as_real(z * (rot - 1)).flatten(-2))  # (…,m,2) -> (…,2m)
-    return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]  # (…,2M)
-
-
-def _span_mask(a: int, b: int, like: Tensor) -> Tensor:
-    m = torch.zeros(like.shape[-1], dtype=like.dtype, device=like.device)
-    m[a:b] = 1
-    return m
+def _nothing_to_do(x: Tensor, gate: Tensor, strength: float) -> bool:
+    # .any() synchronises with the device, so the early exit is taken on the CPU only, where it is free.
+    return strength == 0.0 or (x.device.type == "cpu" and not bool(gate.any()))
 
 
 def _series(xf: Tensor, block: BlockAdapter, side: _Side, bounds: dict, active: tuple,

@@ -28,6 +28,7 @@ def test_engine_overhead_small_prints_every_figure():
             assert out[block][case]["base_s"] > 0 and out[block][case]["ratio"] > 0
     assert out["transform"]["max_abs_diff"] <= 1e-5 and out["transform"]["speedup"] > 0
     assert 0 < out["transform_share_of_double_block"] and "extra" in out["peak_rss_mb"]
+    assert 0 < out["op_counts"]["qk_device"]["computing"] <= 16 and out["op_counts"]["qk_device"]["top_level"] <= 40
 
 
 def test_train_step_small_runs_both_variants():
@@ -47,3 +48,43 @@ def test_toy_step_times_an_adapter(tmp_path):
                    model_blocks={"double": cfg.num_layers, "single": cfg.num_single_layers}, rank=2).save(path)
     out = json.loads(_run("benchmarks/toy_step.py", str(path), "--rounds", "1", "--batch", "4"))
     assert set(out["relative_to_base"]) == {"base", "a.safetensors"} and out["relative_to_base"]["base"] == 1.0
+
+
+def test_op_count_small_prints_both_counts_for_every_case():
+    out = json.loads(_run("benchmarks/op_count.py", "--small"))
+    for case, c in out["counts"].items():
+        assert 0 < c["computing"] <= c["top_level"], (case, c)
+    assert out["counts"]["qk_device"]["computing"] <= 16 and out["counts"]["qk_device"]["top_level"] <= 40
+
+
+def test_gpu_benchmark_small_runs_every_stage_but_compile():
+    pytest.importorskip("diffusers")
+    out = json.loads(_run("benchmarks/gpu.py", "--small", "--no-compile"))
+    eager = out["step"]["eager"]
+    assert eager["base"]["step_s"] > 0 and eager["saferope"]["step_s"] > 0 and eager["ratio"] > 0
+    assert eager["max_abs_diff_vs_base"] > 0  # the transform acted on every head
+    assert eager["patched_heads"] == out["config"]["heads"] * (out["config"]["double"] + out["config"]["single"])
+    assert out["train"]["plain"]["step_s_median"] > 0 and out["train"]["checkpointing"]["step_s_median"] > 0
+    assert out["step"]["compiled"] == {"skipped": "--no-compile"}
+    assert "skipped" in out["comfyui"] or out["comfyui"].get("max_abs_diff_vs_base", 0) > 0
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_small_with_compile():
+    """The compiled stages too (each compiles a tiny FLUX with inductor: a few minutes on a small CPU)."""
+    pytest.importorskip("diffusers")
+    out = json.loads(_run("benchmarks/gpu.py", "--small", "--no-train"))
+    for variant in ("base", "saferope"):
+        assert out["step"]["compiled"][variant]["step_s"] > 0, out["step"]["compiled"]
+    assert out["step"]["compiled"]["saferope"]["graph_breaks"] == 0
+
+
+def test_gpu_benchmark_without_cuda_fails_with_one_line():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    r = subprocess.run([sys.executable, "benchmarks/gpu.py"], capture_output=True, text=True, env=subprocess_env(),
+                       cwd=ROOT, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert len(r.stderr.strip().splitlines()) == 1 and "no CUDA device" in r.stderr and "--small" in r.stderr

@@ -54,11 +54,13 @@ def reference(x: torch.Tensor, block: BlockAdapter, which: str, txt_len: int, st
     return out
 
 
-@pytest.fixture(params=["auto", "dense", "sparse"])
+@pytest.fixture(params=["auto", "dense", "sparse", "device"])
 def cpu_path(request, monkeypatch):
-    """Run a test through each CPU inference path: the default choice, always dense, always gathered."""
-    share = {"auto": core.SPARSE_MAX_SHARE, "dense": 0.0, "sparse": 1.0}[request.param]
+    """Run a test through each inference path: the CPU's default choice, always dense, always gathered,
+    and the device path (what CUDA runs: no host read of the gate, no early exit)."""
+    share = {"auto": core.SPARSE_MAX_SHARE, "dense": 0.0, "sparse": 1.0, "device": core.SPARSE_MAX_SHARE}[request.param]
     monkeypatch.setattr(core, "SPARSE_MAX_SHARE", share)
+    monkeypatch.setattr(core, "HOST_SHORTCUTS", request.param != "device")
     return request.param
 
 
