@@ -270,8 +270,8 @@ def visualizer(c: Case) -> dict:
     res: dict = {"expected_triggers": lay.triggers, "spans": {k: list(v) for k, v in lay.spans.items()}, "pixels": px}
     for mode in c.info["modes"]:
         m = c.apply(mode=mode)
-        img_u, text_u = c.env.node("SafeRoPELRSVisualizer").visualize(m, unsafe, px, px, 0.0, 0)
-        _, text_s = c.env.node("SafeRoPELRSVisualizer").visualize(m, safe, px, px, 0.0, 0)
+        img_u, text_u = c.env.node("SafeRoPELRSVisualizer").visualize(m, unsafe, px, px, 0.0, 0)[:2]
+        _, text_s = c.env.node("SafeRoPELRSVisualizer").visualize(m, safe, px, px, 0.0, 0)[:2]
         res[mode] = {"unsafe_summary": text_u, "safe_summary": text_s, "image_shape": list(img_u.shape),
                      "image_range": [float(img_u.min()), float(img_u.max())],
                      "unsafe_columns": _risk_columns(c, m, unsafe), "safe_columns": _risk_columns(c, m, safe)}
