@@ -208,6 +208,16 @@ OUT_CASES = {
 }
 
 
+@pytest.mark.parametrize("case", [c for c in OUT_CASES if c != "in a read-only directory"])
+def test_demo_with_an_unusable_out_is_one_line_exit_2(case, tmp_path, cli):
+    make, needle = OUT_CASES[case]
+    out = make(tmp_path)
+    before = _snapshot(tmp_path)
+    code, stdout, err = cli("demo", "--quick", "--out", out)
+    assert code == 2 and needle in _one_line(err), err
+    assert _snapshot(tmp_path) == before and not stdout
+
+
 @pytest.mark.parametrize("case", list(OUT_CASES))
 def test_unusable_out_is_one_line_exit_2(case, tiny_flux, tmp_path, cli):
     cfg = write_config(tmp_path, tiny_flux)
