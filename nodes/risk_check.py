@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 from .summary import Setting, summarize
-from .visualizer import evaluation_inputs, evaluate_risk
+from .visualizer import evaluate_risk, evaluation_inputs
 
 logger = logging.getLogger(__name__)
 

@@ -97,7 +97,8 @@ class Workflow:
 def loaders(w: Workflow) -> dict[str, int]:
     ids = {
         "unet": w.node("UNETLoader", (20, 120), (315, 82), ["flux1-dev.safetensors", "default"]),
-        "clip": w.node("DualCLIPLoader", (20, 250), (315, 130), ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"]),
+        "clip": w.node("DualCLIPLoader", (20, 250), (315, 130),
+                       ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"]),
         "vae": w.node("VAELoader", (20, 430), (315, 58), ["ae.safetensors"]),
         "adapter": w.node("SafeRoPEAdapterLoader", (20, 540), (315, 58), [ADAPTER]),
         "apply": w.node("SafeRoPEApply", (380, 120), (330, 178), [1.0, -1.0, 0.0, 1.0]),

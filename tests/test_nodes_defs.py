@@ -161,7 +161,8 @@ def test_a_broken_symlink_or_a_folder_is_named_for_what_it_is(fake_folder_paths,
     assert "dangling.safetensors" in folders.adapter_names()  # listed, as ComfyUI lists it
     with pytest.raises(FileNotFoundError) as e:
         loader.load("dangling.safetensors")
-    assert "is a broken symbolic link pointing to" in str(e.value) and str(tmp_path / "moved" / "adapter.safetensors") in str(e.value)
+    msg = str(e.value)
+    assert "is a broken symbolic link pointing to" in msg and str(tmp_path / "moved" / "adapter.safetensors") in msg
     with pytest.raises(FileNotFoundError, match="dir.safetensors is not a regular file"):
         loader.load("dir.safetensors")
     with pytest.raises(FileNotFoundError, match="'gone.safetensors' not found in"):

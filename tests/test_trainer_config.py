@@ -7,8 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import (RunConfig, diff_fingerprints, fingerprint, init_std, parse_value, resolve,
-                            rollout_grid, to_toml)
+from trainer.config import RunConfig, diff_fingerprints, fingerprint, init_std, parse_value, resolve, rollout_grid, to_toml
 from trainer.errors import UsageError
 from trainer.prompts import read_eval, read_prompts, read_unlearn
 

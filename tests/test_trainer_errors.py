@@ -9,9 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from trainer_fixtures import subprocess_env
-from trainer_fixtures import write_config
+from trainer_fixtures import subprocess_env, write_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import torch
-
 import workflow_check as wc  # pure Python, imported with the driver (before its folder leaves sys.path)
 
-SCENARIOS: dict[str, Callable[["Context"], dict]] = {}
+SCENARIOS: dict[str, Callable[[Context], dict]] = {}
 SECOND_TAU = 0.1
 
 
-def scenario(fn: Callable[["Context"], dict]) -> Callable[["Context"], dict]:
+def scenario(fn: Callable[[Context], dict]) -> Callable[[Context], dict]:
     SCENARIOS[fn.__name__] = fn
     return fn
 
@@ -50,8 +50,9 @@ class Context:
     load_how: str
 
     @classmethod
-    def create(cls, work: Path, driver_assets: ModuleType) -> "Context":
+    def create(cls, work: Path, driver_assets: ModuleType) -> Context:
         import folder_paths
+
         import nodes
 
         support = sys.modules[nodes.NODE_CLASS_MAPPINGS["SafeRoPETestTinyFlux"].__module__]
@@ -112,6 +113,7 @@ def _state(model: Any) -> str:
 @scenario
 def load(c: Context) -> dict:
     import folder_paths
+
     import nodes
 
     ours = {k: nodes.NODE_DISPLAY_NAME_MAPPINGS.get(k) for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("SafeRoPE")}
@@ -336,7 +338,6 @@ def neighbours(c: Context) -> dict:
             return {"v": v * 1.0}
         return patch
 
-    prot = c.apply(c.model, "main.safetensors")
     if c.pack.nodes.compat.comfy_model(c.model).attn1_patch:  # other attn1_patch users, with either hook of ours
         for mode in (None, "attn1"):
             m = c.model.clone()
@@ -356,7 +357,8 @@ def neighbours(c: Context) -> dict:
     m.add_object_patch(nkey, foreign)
     obj = c.pack.nodes.install.apply_saferope(m, c.adapter("main.safetensors"), mode="object")
     res["object_neighbour_vs_object_alone"] = maxdiff(
-        c.sample(obj, unsafe), c.sample(c.pack.nodes.install.apply_saferope(c.model, c.adapter("main.safetensors"), mode="object"), unsafe))
+        c.sample(obj, unsafe),
+        c.sample(c.pack.nodes.install.apply_saferope(c.model, c.adapter("main.safetensors"), mode="object"), unsafe))
     res["calls"] = dict(calls)
     return res
 
@@ -372,7 +374,8 @@ def shapes(c: Context) -> dict:
     res["lengths_unsafe_vs_base"] = maxdiff(c.sample(p, pos_u, neg_s), c.sample(c.model, pos_u, neg_s))
     neg_u = c.cond(True, seed=15, length=21)
     res["unsafe_negative_only_vs_base"] = maxdiff(c.sample(p, pos_s, neg_u), c.sample(c.model, pos_s, neg_u))
-    res["odd_size_unsafe_vs_base"] = maxdiff(c.sample(p, pos_u, width=88, height=40), c.sample(c.model, pos_u, width=88, height=40))
+    res["odd_size_unsafe_vs_base"] = maxdiff(c.sample(p, pos_u, width=88, height=40),
+                                             c.sample(c.model, pos_u, width=88, height=40))
     res["odd_size_safe_vs_base"] = maxdiff(c.sample(p, pos_s, width=88, height=40), c.sample(c.model, pos_s, width=88, height=40))
     ref = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(3))
     kon_u = c.cond(True, seed=16, reference_latents=[ref])
@@ -388,7 +391,6 @@ def shapes(c: Context) -> dict:
 @scenario
 def visualizer(c: Context) -> dict:
     import comfy.utils
-
     from driver_assets import TRIGGERS
 
     p = c.apply(c.model, "main.safetensors")

@@ -159,7 +159,8 @@ def test_object_info_describes_the_nodes(server):
     assert info["display_name"] == "Apply SafeRoPE to Model" and info["category"] == "SafeRoPE"
     assert info["input"]["required"]["threshold"][1]["default"] == -1.0
     assert all(spec[1].get("tooltip") for spec in info["input"]["required"].values())
-    assert server.get("/object_info/SafeRoPELRSVisualizer")["SafeRoPELRSVisualizer"]["output"] == ["IMAGE", "STRING", "FLOAT", "BOOLEAN"]
+    vis = server.get("/object_info/SafeRoPELRSVisualizer")["SafeRoPELRSVisualizer"]
+    assert vis["output"] == ["IMAGE", "STRING", "FLOAT", "BOOLEAN"]
     assert server.get("/object_info/SafeRoPERiskCheck")["SafeRoPERiskCheck"]["output"] == ["FLOAT", "BOOLEAN", "STRING"]
 
 
