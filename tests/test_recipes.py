@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import resolve
-from trainer.errors import UsageError
-from trainer.prompts import read_lines, read_prompts, read_unlearn
+from trainer.resolve import resolve
+from trainer.core.errors import UsageError
+from trainer.core.prompts import read_lines, read_prompts, read_unlearn
 from trainer.recipes import (CATEGORIES, RECIPES_DIR, adapter_filename, keyword_hits, load_recipe, normalise,
                              shipped_names)
 
@@ -147,7 +147,7 @@ def test_recipe_provides_prompts_and_family_defaults_and_flags_win(tmp_path):
 
 
 def test_stored_recipe_and_a_different_one(tmp_path):
-    from trainer.config import to_toml
+    from trainer.core.config import to_toml
 
     built = resolve(overrides={"recipe": "nudity", "model": "toy", "train.steps": 11})
     stored = tmp_path / "config.resolved.toml"
