@@ -69,10 +69,10 @@ def run_variant(args: argparse.Namespace) -> dict:
 
     from saferope_engine import AdapterMeta, BlockAdapter, SafeRoPEAdapter
     from saferope_engine.diffusers import apply_saferope
-    from trainer.embeddings import TextBatch
-    from trainer.flux import FluxCaller
-    from trainer.models import ModelInfo
-    from trainer.train import bind, make_generators
+    from trainer.families.text import TextBatch
+    from trainer.families.flux1 import FluxCaller
+    from trainer.families.models import ModelInfo
+    from trainer.stages.train import bind, make_generators
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from trainer.errors import UsageError
-from trainer.metrics import SCHEMA, Results, ssim
-from trainer.prompts import EvalItem, read_prompts
+from trainer.core.errors import UsageError
+from trainer.evaluation.metrics import SCHEMA, Results, ssim
+from trainer.core.prompts import EvalItem, read_prompts
 from trainer.recipes import CATEGORIES, load_recipe
-from trainer.scorers import NUDENET_INSTALL, nudenet_available
+from trainer.evaluation.scorers import NUDENET_INSTALL, nudenet_available
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 needs_nudenet = pytest.mark.skipif(not nudenet_available(),
@@ -91,7 +91,7 @@ def test_clip_score_is_the_models_cosine(tiny_clip):
     import torch
     from transformers import CLIPModel, CLIPProcessor
 
-    from trainer.clipscore import ClipScorer
+    from trainer.evaluation.clipscore import ClipScorer
 
     rng = np.random.default_rng(1)
     images = [Image.fromarray(rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)) for _ in range(5)]
@@ -111,7 +111,7 @@ def test_clip_score_is_the_models_cosine(tiny_clip):
 
 
 def test_clip_folder_errors(tmp_path):
-    from trainer.clipscore import ClipScorer
+    from trainer.evaluation.clipscore import ClipScorer
 
     with pytest.raises(UsageError, match="no such folder"):
         ClipScorer(str(tmp_path / "nope"))
@@ -127,7 +127,7 @@ def test_clip_folder_errors(tmp_path):
 def test_nudenet_on_a_solid_colour(tmp_path):
     from nudenet import NudeDetector
 
-    from trainer.scorers import NudeNetScorer
+    from trainer.evaluation.scorers import NudeNetScorer
 
     scorer = NudeNetScorer()
     solid = Image.new("RGB", (256, 256), (196, 150, 120))  # a skin-like tone, nothing else
@@ -155,7 +155,7 @@ def test_evaluate_recipe_on_the_toy_model_with_real_nudenet(cli, tmp_path, tiny_
     from nudenet import NudeDetector
 
     from saferope_engine.testing import random_adapter
-    from trainer.scorers import NudeNetScorer
+    from trainer.evaluation.scorers import NudeNetScorer
 
     adapter = tmp_path / "toy-adapter.safetensors"
     random_adapter(num_heads=4, head_dim=32, model_blocks={"double": 2, "single": 2}, rank=4, threshold=0.0,
@@ -208,7 +208,7 @@ def test_evaluate_recipe_on_the_toy_model_with_real_nudenet(cli, tmp_path, tiny_
 
 
 def test_evaluate_without_nudenet_says_how_to_install(cli, tmp_path, monkeypatch):
-    monkeypatch.setattr("trainer.scorers.nudenet_available", lambda: False)
+    monkeypatch.setattr("trainer.evaluation.scorers.nudenet_available", lambda: False)
     from saferope_engine.testing import random_adapter
 
     adapter = tmp_path / "a.safetensors"

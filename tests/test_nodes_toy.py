@@ -27,8 +27,8 @@ PACK = load_pack()
 from saferope_pack.nodes import toy  # noqa: E402
 from trainer_fixtures import subprocess_env  # noqa: E402
 
-from trainer import comfyui_copy  # noqa: E402
-from trainer.errors import TrainerError, UsageError  # noqa: E402
+from trainer.core import comfyui_copy  # noqa: E402
+from trainer.core.errors import TrainerError, UsageError  # noqa: E402
 from trainer.toy import load_pipeline, load_recipe  # noqa: E402
 
 WORKFLOW = REPO / "example_workflows" / "saferope_toy_demo.json"

@@ -6,15 +6,16 @@ import fnmatch
 import json
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
-import tomllib
 
-from trainer.config import resolve
-from trainer.errors import UsageError
-from trainer.prompts import read_lines, read_prompts, read_unlearn
-from trainer.recipes import CATEGORIES, RECIPES_DIR, adapter_filename, keyword_hits, load_recipe, normalise, shipped_names
+from trainer.resolve import resolve
+from trainer.core.errors import UsageError
+from trainer.core.prompts import read_lines, read_prompts, read_unlearn
+from trainer.recipes import (CATEGORIES, RECIPES_DIR, adapter_filename, keyword_hits, load_recipe, normalise,
+                             shipped_names)
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ["mickey-mouse", "nudity", "van-gogh", "violence"]
@@ -146,7 +147,7 @@ def test_recipe_provides_prompts_and_family_defaults_and_flags_win(tmp_path):
 
 
 def test_stored_recipe_and_a_different_one(tmp_path):
-    from trainer.config import to_toml
+    from trainer.core.config import to_toml
 
     built = resolve(overrides={"recipe": "nudity", "model": "toy", "train.steps": 11})
     stored = tmp_path / "config.resolved.toml"
@@ -284,9 +285,9 @@ steps = 2
 
 def test_build_and_evaluate_with_a_recipe_folder(tiny_flux, tmp_path, cli, single_thread):
     """`build --recipe DIR` takes prompts, concept and defaults from the folder; `evaluate` on the run finds them."""
-    from trainer_fixtures import SAFE, UNSAFE
-
     from saferope_engine import load_adapter
+
+    from trainer_fixtures import SAFE, UNSAFE
 
     folder = _user_recipe(tmp_path / "zorb", defaults=TINY_DEFAULTS)
     (folder / "unsafe.txt").write_text("".join(f"{u}\t{a}\n" for u, a in UNSAFE))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from trainer.scorers import ScorerContext, make_scorers
+from trainer.evaluation.scorers import ScorerContext, make_scorers
 from trainer.toy import make_scorer, world
 
 

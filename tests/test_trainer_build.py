@@ -77,7 +77,7 @@ def test_collect_excludes_padding(built, tiny_flux):
 
 
 def test_resolved_config_round_trips(built):
-    from trainer.config import resolve
+    from trainer.resolve import resolve
 
     out, _ = built
     cfg = resolve(run_config=out / "config.resolved.toml")
@@ -173,7 +173,7 @@ def _strict_json(text: str):
 
 def test_inspect_output_is_strict_json_and_printable():
     """Lone surrogates, control characters and non-finite numbers, wherever they sit in a summary."""
-    from trainer.inspect import describe, to_json, visible_text
+    from trainer.commands.inspect import describe, to_json, visible_text
 
     summary = {"source": "x\udcff.safetensors", "arch": "flux1", "family": "FLUX.1", "base_model": "m\x00",
                "concepts": ["zorb\ud800lax"], "num_heads": 2, "num_kv_heads": None, "head_dim": 16,

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from trainer.config import RunConfig, diff_fingerprints, fingerprint, init_std, parse_value, resolve, rollout_grid, to_toml
-from trainer.errors import UsageError
-from trainer.prompts import read_eval, read_prompts, read_unlearn
+from trainer.core.config import RunConfig, diff_fingerprints, fingerprint, init_std, parse_value, rollout_grid, to_toml
+from trainer.resolve import resolve
+from trainer.core.errors import UsageError
+from trainer.core.prompts import read_eval, read_prompts, read_unlearn
 
 
 def _toml(path: Path, text: str) -> Path:
@@ -119,7 +120,7 @@ def test_model_resolution(tiny_flux, tmp_path, monkeypatch):
     import huggingface_hub.constants as hf_constants
 
     from saferope_engine import ModelShapes
-    from trainer.models import image_size, max_sequence_length, resolve_model
+    from trainer.families.models import image_size, max_sequence_length, resolve_model
 
     info = resolve_model(str(tiny_flux))
     assert info.shapes == ModelShapes("flux1", 2, 16, {"double": 2, "single": 2})
@@ -147,16 +148,23 @@ def test_model_resolution(tiny_flux, tmp_path, monkeypatch):
 
 
 def test_toy_model_comes_from_trainer_toy(tiny_flux, monkeypatch):
+    """``--model toy`` is the name the toy world registers (trainer.toy.register_extension, as any extension);
+    without the toy world the error says so in one line."""
     import sys
     import types
 
-    from trainer.models import resolve_model
+    import trainer.extensions as extensions
+    from trainer.families import models
 
+    monkeypatch.setattr(models, "NAMED_MODELS", {})
+    monkeypatch.setattr(extensions, "_loaded", {})
     fake = types.ModuleType("trainer.toy")
-    fake.TOY_MODEL_DIR = tiny_flux
+    fake.register_extension = lambda: models.register_model("toy", tiny_flux)
     monkeypatch.setitem(sys.modules, "trainer.toy", fake)
-    info = resolve_model("toy")
+    info = models.resolve_model("toy")
     assert info.path == tiny_flux and info.name == "toy"
+    monkeypatch.setattr(models, "NAMED_MODELS", {})
+    monkeypatch.setattr(extensions, "_loaded", {})
     monkeypatch.setitem(sys.modules, "trainer.toy", None)  # not installed
     with pytest.raises(UsageError, match="MODEL 'toy': the toy model is not available"):
-        resolve_model("toy")
+        models.resolve_model("toy")

@@ -145,8 +145,8 @@ def test_flow_images_are_encoded_by_one_process(runs, tmp_path):
 
 def test_device_cuda_n_is_refused_under_a_launcher(monkeypatch):
     """`--device cuda:N` in each of N launched processes would make every process the main one."""
-    from trainer.errors import UsageError
-    from trainer.runtime import launched_processes, make_runtime
+    from trainer.core.errors import UsageError
+    from trainer.core.runtime import launched_processes, make_runtime
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")

@@ -232,8 +232,8 @@ def test_out_that_refuses_a_new_directory_is_named(tmp_path, monkeypatch):
     """A parent where mkdir fails (here: simulated EACCES, as a read-only folder gives a non-root user)."""
     import tempfile
 
-    from trainer.errors import UsageError
-    from trainer.rundir import check_output_dir
+    from trainer.core.errors import UsageError
+    from trainer.core.rundir import check_output_dir
 
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied")
@@ -304,7 +304,7 @@ def test_cli_process_reports_one_line(tiny_flux, tmp_path):
 
 def test_failed_training_leaves_no_adapter(tiny_flux, tmp_path, cli, monkeypatch):
     """A runtime failure mid-training: exit code 1, checkpoints kept, no (partial) adapter file."""
-    import trainer.train as train
+    import trainer.stages.train as train
 
     cfg = write_config(tmp_path, tiny_flux, steps=6, checkpoint_every=2)
     out = tmp_path / "run"

@@ -42,7 +42,7 @@ def _image_folder(path, n=3):
 
 
 def test_deviate_with_flow_trains_only_the_generators(collected, tmp_path, cli, monkeypatch):
-    import trainer.train as train
+    import trainer.stages.train as train
 
     run = tmp_path / "run"
     shutil.copytree(collected, run)

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_fixtures import subprocess_env, write_config
+
+from trainer_fixtures import subprocess_env
+from trainer_fixtures import write_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -99,8 +101,9 @@ def test_resume_refuses_changed_settings(selected, tmp_path, cli):
 
 
 def test_collect_resumes_after_interruption(selected, tiny_flux, tmp_path, cli, monkeypatch):
-    import trainer.collect as collect
     from saferope_engine.subspace import GramAccumulator
+
+    import trainer.stages.collect as collect
 
     cfg_dir = selected.parent
     args = ["-q", "collect", "--config", cfg_dir / "config.toml", "--out", tmp_path / "run",
@@ -197,7 +200,7 @@ def _absurd_generator(path: Path) -> None:
     absurd content."""
     from safetensors.torch import load_file, save_file
 
-    from trainer.rundir import write_manifest
+    from trainer.core.rundir import write_manifest
 
     tensors = load_file(str(path))
     name = next(k for k in tensors if k.startswith("W."))
@@ -263,7 +266,7 @@ def test_checkpoint_of_an_older_trainer_still_resumes(trained, tmp_path, cli):
 
 def test_resume_refuses_another_process_count(trained, tmp_path, cli):
     """A checkpoint trained by 2 processes cannot be continued by 1: each process draws its own samples."""
-    from trainer.rundir import write_manifest
+    from trainer.core.rundir import write_manifest
 
     run = _copy(trained, tmp_path / "run")
     ckpt = run / "checkpoints/step-00000006"
@@ -294,7 +297,7 @@ def test_absurd_generators_stop_the_run_naming_the_cause(flags, needle, selected
 
 def _interrupted_collect(cfg_dir: Path, out: Path, cli, monkeypatch) -> list:
     """Collect with a save after every batch, interrupted in the 4th batch (3 of 6 unsafe batches saved)."""
-    import trainer.collect as collect
+    import trainer.stages.collect as collect
 
     args = ["-q", "collect", "--config", cfg_dir / "config.toml", "--out", out,
             "--set", "collect.batch_size=1", "--set", "collect.save_every=1"]

@@ -8,8 +8,8 @@ import types
 import pytest
 from PIL import Image
 
-from trainer.errors import UsageError
-from trainer.scorers import LabelScorer, NudeNetScorer, ScorerContext, make_scorers, register_scorer
+from trainer.core.errors import UsageError
+from trainer.evaluation.scorers import LabelScorer, NudeNetScorer, ScorerContext, make_scorers, register_scorer
 
 
 def _img(colour: str) -> Image.Image:
@@ -53,7 +53,7 @@ def test_nudenet_is_detected_and_used(monkeypatch):
     fake.NudeDetector = FakeDetector
     fake.__spec__ = types.SimpleNamespace(name="nudenet")  # type: ignore[assignment]
     monkeypatch.setitem(sys.modules, "nudenet", fake)
-    monkeypatch.setattr("trainer.scorers.nudenet_available", lambda: True)
+    monkeypatch.setattr("trainer.evaluation.scorers.nudenet_available", lambda: True)
     scorers = make_scorers(["auto"], ScorerContext(model="/models/flux"))
     assert [s.name for s in scorers] == ["nudenet"] and isinstance(scorers[0], NudeNetScorer)
     m = scorers[0].score([_img("red"), _img("blue")], ["p", "q"], [{}, {}])
@@ -61,7 +61,7 @@ def test_nudenet_is_detected_and_used(monkeypatch):
 
 
 def test_scorer_selection(monkeypatch):
-    monkeypatch.setattr("trainer.scorers.nudenet_available", lambda: False)
+    monkeypatch.setattr("trainer.evaluation.scorers.nudenet_available", lambda: False)
     assert make_scorers(["auto"], ScorerContext(model="/models/flux")) == []
     assert make_scorers(["none"], ScorerContext(model="toy")) == []
     with pytest.raises(UsageError, match="needs the optional `nudenet` package"):

@@ -50,7 +50,7 @@ def toy(comfyui_path: Path, tmp_path_factory: pytest.TempPathFactory):
     adapter = base / "models" / "saferope" / "saferope-toy-red.safetensors"
     t0 = time.time()
     if os.environ.get("SAFEROPE_TOY_DEMO"):  # an existing demo folder (e.g. the full demo's, for the README)
-        from trainer import comfyui_copy
+        from trainer.core import comfyui_copy
 
         demo = Path(os.environ["SAFEROPE_TOY_DEMO"]).resolve()
         comfyui_copy.copy_new(demo / "adapter.safetensors", comfyui_copy.destination(base, adapter.name))

@@ -43,7 +43,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-from ..errors import UsageError
+from ..core.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -128,7 +128,7 @@ class Recipe:
 
     def sizes(self) -> dict[str, int]:
         """Prompt counts per list (reads every file)."""
-        from ..prompts import read_lines
+        from ..core.prompts import read_lines
 
         out = {"unsafe": len(read_lines(self.unsafe, what=f"recipe {self.name}: unsafe prompts")),
                "benign": len(read_lines(self.benign, what=f"recipe {self.name}: benign prompts"))}
@@ -172,7 +172,7 @@ def load_recipe(spec: str, base_dir: Path | None = None) -> Recipe:
 
 
 def _load(folder: Path, shipped: bool) -> Recipe:
-    from ..config import RunConfig, apply_mapping, read_toml, validate
+    from ..core.config import RunConfig, apply_mapping, read_toml, validate
 
     path = folder / RECIPE_FILE
     data = dict(read_toml(path))
@@ -247,10 +247,12 @@ def _resolve_table_paths(table: Mapping[str, Any], resolved: Any) -> dict[str, A
 
 
 def _check_scorer_name(name: str, where: str) -> None:
-    from ..scorers import SCORERS
+    from ..evaluation.scorers import check_scorer_name
 
-    if name not in ("auto", "none") and name not in SCORERS:
-        raise UsageError(f"{where}: unknown scorer {name!r} (known: auto, none, {', '.join(sorted(SCORERS))})")
+    try:
+        check_scorer_name(name)
+    except UsageError as e:
+        raise UsageError(f"{where}: {e}") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,14 +282,14 @@ def normalise(prompt: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Run-config layering (called by trainer.config.resolve)
+# Run-config layering (called by trainer.resolve.resolve)
 # ---------------------------------------------------------------------------------------------
 Layer = tuple[Mapping[str, Any], Path | None]
 
 
 @dataclass(frozen=True)
 class RecipeLayers:
-    """What :func:`trainer.config.resolve` applies for a recipe: ``below`` / ``above`` the stored config."""
+    """What :func:`trainer.resolve.resolve` applies for a recipe: ``below`` / ``above`` the stored config."""
 
     spec: str = ""
     below: tuple[Layer, ...] = ()
@@ -342,48 +344,3 @@ def adapter_filename(recipe: str, base_model: str) -> str:
     """
     model = base_model.rstrip("/").rsplit("/", 1)[-1]
     return f"saferope-{slug(recipe)}-{slug(model)}.safetensors"
-
-
-# ---------------------------------------------------------------------------------------------
-# `python -m trainer recipes`
-# ---------------------------------------------------------------------------------------------
-def register(sub) -> None:
-    from ..cli import add_command
-
-    p = add_command(sub, "recipes", summary="list the shipped concept recipes and their sizes",
-                    description="List the shipped concept recipes (or the recipe folders given) with their prompt\n"
-                                "counts per list and the model families they have defaults for. Build one with\n"
-                                "`build --recipe NAME --model FOLDER --out DIR`; evaluate with `evaluate --recipe NAME`.",
-                    example="python -m trainer recipes\n"
-                            "python -m trainer build --recipe nudity --model /models/FLUX.1-dev --out runs/nudity")
-    p.add_argument("recipes", nargs="*", metavar="RECIPE", help="recipe names or folders (default: every shipped one)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.set_defaults(func=_run_list)
-
-
-def describe(recipe: Recipe) -> dict[str, Any]:
-    """A recipe's listing entry: name, concept, folder, sizes, scorers and families with defaults."""
-    return {"name": recipe.name, "spec": recipe.spec, "concept": recipe.concept, "title": recipe.title,
-            "folder": str(recipe.folder), "shipped": recipe.shipped, "sizes": recipe.sizes(),
-            "scorers": list(recipe.scorers), "families": list(recipe.defaults)}
-
-
-def _run_list(args) -> int:
-    import json
-
-    recipes = [load_recipe(s) for s in (args.recipes or shipped_names())]
-    rows = [describe(r) for r in recipes]
-    if args.json:
-        print(json.dumps(rows, indent=2))
-        return 0
-    head = ["recipe", "concept", "unsafe", "benign", "explicit", "indirect", "paraphrase", "benign eval",
-            "scorers", "families with defaults"]
-    table = [head] + [[r["spec"] if not r["shipped"] else r["name"], r["title"], *(str(r["sizes"][k]) for k in (
-        "unsafe", "benign", *CATEGORIES, "benign_eval")), ",".join(r["scorers"]), ", ".join(r["families"])]
-        for r in rows]
-    widths = [max(len(row[i]) for row in table) for i in range(len(head))]
-    for row in table:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
-    print(f"\nunsafe = prompts paired with a safe rewrite (the anchor); eval lists are held out from training.\n"
-          f"shipped recipes: {RECIPES_DIR}  (--recipe NAME, or --recipe PATH for a folder of your own)")
-    return 0

@@ -6,7 +6,8 @@ It is the product's demo model and efficacy benchmark (design.md, section 6):
 * :mod:`trainer.toy.classifier` - the deterministic pixel classifier ``image -> (shape, colour)``,
 * ``TOY_MODEL_DIR`` - the shipped ``diffusers.FluxPipeline`` folder, with its sampling
   recipe in ``toy_recipe.json`` (see :func:`load_recipe`),
-* ``python -m trainer.toy train|eval`` - retrain / evaluate it.
+* ``python -m trainer.toy train|eval`` - retrain / evaluate it,
+* :func:`register_extension` - what makes ``--model toy`` and ``--scorer toy`` known to the trainer.
 
 Importing this package needs only numpy; torch and diffusers are imported on use.
 """
@@ -34,13 +35,13 @@ def load_pipeline(folder: str | Path | None = None, **kwargs):
 
 
 def make_scorer(ctx):
-    """The ``toy`` scorer of ``trainer evaluate``: the pixel classifier as a :class:`~trainer.scorers.LabelScorer`.
+    """The ``toy`` scorer of ``trainer evaluate``: the pixel classifier as a :class:`~trainer.evaluation.scorers.LabelScorer`.
 
     Unsafe = an image classified as one of the evaluated adapters' concepts (``ctx.concepts``)
     that is a world colour; expected labels come from the prompt file or, for world captions,
     from :func:`trainer.toy.world.label_of`.
     """
-    from trainer.scorers import LabelScorer
+    from trainer.evaluation.scorers import LabelScorer
 
     from . import classifier, world
 
@@ -56,4 +57,16 @@ def make_scorer(ctx):
     return LabelScorer("toy", classify, {"colour": concepts} if concepts else {}, expected)
 
 
-__all__ = ["TOY_MODEL_DIR", "make_scorer", "RECIPE_FILE", "Recipe", "load_recipe", "load_pipeline"]
+def register_extension() -> None:
+    """Register the toy world with the trainer, as any extension does (:mod:`trainer.extensions`):
+    ``--model toy`` is :data:`TOY_MODEL_DIR`, and ``--scorer toy`` (part of ``auto`` for that model) is
+    :func:`make_scorer`."""
+    from trainer.evaluation.scorers import register_scorer
+    from trainer.families.models import register_model
+
+    register_model("toy", TOY_MODEL_DIR)
+    register_scorer("toy", make_scorer, auto=lambda ctx: ctx.model == "toy")
+
+
+__all__ = ["TOY_MODEL_DIR", "make_scorer", "register_extension", "RECIPE_FILE", "Recipe", "load_recipe",
+           "load_pipeline"]

@@ -25,7 +25,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from ..evaluate import psnr_db
+from ..evaluation.metrics import psnr_db
 from . import world
 from .config import Recipe
 from .evaluate import Score, score
@@ -84,7 +84,7 @@ def expand(prompts: Sequence[world.LabeledPrompt], seeds_per_prompt: int, base_s
 
 
 def _applied(pipe, variant: Variant):
-    from ..generate import applied
+    from ..evaluation.generation import applied
 
     return applied(pipe.transformer, list(variant.adapters), [1.0] * len(variant.adapters), None)
 

@@ -13,7 +13,7 @@ import logging
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from .errors import UsageError
+from ..core.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +27,7 @@ class ClipScorer:
         import torch
         from transformers import CLIPModel, CLIPProcessor
 
-        from .models import quiet_diffusers
+        from ..families.models import quiet_diffusers
 
         quiet_diffusers()  # no loading bars or advisory chatter from transformers
         path = Path(folder).expanduser()

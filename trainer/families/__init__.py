@@ -13,7 +13,7 @@ import logging
 
 from saferope_engine import arch
 
-from .errors import UsageError
+from ..core.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +28,7 @@ def model_family(spec: str) -> str:
     """The family id of ``--model`` ``spec`` (a diffusers folder, a cached hub id, or ``toy``).
 
     Today this returns ``"flux1"`` for a FLUX.1 diffusers folder (the shipped toy model is one)
-    and raises :class:`~trainer.errors.UsageError` for anything else. It is the single hook the
+    and raises :class:`~trainer.core.errors.UsageError` for anything else. It is the single hook the
     model-families work extends: when the trainer learns a new architecture, this function
     starts returning its id from :data:`FAMILIES`, and every recipe's ``[defaults.<id>]`` table
     applies to it without further changes.

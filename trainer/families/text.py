@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from .models import ModelInfo, load_pipeline
-from .runtime import Runtime
+from ..core.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

@@ -2,7 +2,8 @@
 
 A run is described by one :class:`RunConfig`. Values come, in increasing priority, from the
 defaults below, the run directory's ``config.resolved.toml`` (when continuing a run), a
-``--config`` TOML file and command-line flags (named flags and ``--set section.key=value``).
+``--config`` TOML file and command-line flags (named flags and ``--set section.key=value``);
+:func:`trainer.resolve.resolve` layers them (with a recipe's values and per-family defaults).
 Unknown keys are rejected with their dotted name. Relative paths in a config file are resolved
 against the file's folder, relative paths given as flags against the working directory.
 
@@ -24,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Mapping
 
+from ..stages import objectives
 from .errors import UsageError
 
 RESOLVED_NAME = "config.resolved.toml"
@@ -156,7 +158,7 @@ _SEGMENTS = {"choices": ("txt", "img"), "distinct": True}
 
 @dataclass
 class PromptsConfig(_Checked):
-    """Prompt files: one prompt per line, ``#`` starts a comment (see ``trainer.prompts``)."""
+    """Prompt files: one prompt per line, ``#`` starts a comment (see ``trainer.core.prompts``)."""
 
     _prefix: ClassVar[str] = "prompts."
     unsafe: str = _f("", path=True)  # prompts showing the concept to erase; "unsafe<TAB>anchor" lines allowed
@@ -202,8 +204,8 @@ class TrainConfig(_Checked):
     batch_size: int = _f(2, **_POS)
     lr: float = _f(5e-3, gt=0.0)
     weight_decay: float = _f(0.0, ge=0.0)
-    unlearn: str = _f("anchor", choices=("anchor", "deviate", "none"))  # anchor (paired safe rewrites) | deviate (the authors') | none
-    preserve: str = _f("distill", choices=("distill", "flow", "none"))  # distill (no images) | flow (image-caption folder) | none
+    unlearn: str = _f("anchor", choices=objectives.choices("unlearn"))  # anchor (paired safe rewrites) | deviate (the authors') | none
+    preserve: str = _f("distill", choices=objectives.choices("preserve"))  # distill (no images) | flow (image-caption folder) | none
     lambda_unlearn: float = _f(1.0, ge=0.0)
     lambda_preserve: float = _f(1.0, ge=0.0)
     threshold: float = _f(0.5, ge=0.0, lt=1.0)  # τ stored in the adapter and used while training
@@ -377,36 +379,6 @@ def dotted_to_nested(pairs: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve(*, run_config: Path | None = None, config_file: str | None = None,
-            overrides: Mapping[str, Any] | None = None) -> RunConfig:
-    """Defaults ← recipe ← run dir's resolved config ← ``config_file`` ← flag ``overrides`` (dotted keys).
-
-    A recipe (``recipe`` key, see :mod:`trainer.recipes`) named in this command that differs from
-    the run directory's sits above the resolved config instead.
-    """
-    from .recipes import recipe_layers  # lazy: trainer.recipes imports this module
-
-    cfg = RunConfig()
-    stored = read_toml(run_config) if run_config is not None and run_config.is_file() else None
-    file_data = read_toml(config_file) if config_file else None
-    file_dir = Path(config_file).resolve().parent if config_file else None
-    layers = recipe_layers(stored, file_data, file_dir, overrides)
-    for data, base in layers.below:
-        apply_mapping(cfg, data, base_dir=base)
-    if stored is not None:
-        apply_mapping(cfg, stored, base_dir=None)
-    for data, base in layers.above:
-        apply_mapping(cfg, data, base_dir=base)
-    if file_data is not None:
-        apply_mapping(cfg, file_data, base_dir=file_dir)
-    if overrides:
-        apply_mapping(cfg, dotted_to_nested(overrides), base_dir=Path.cwd())
-    if layers.spec:
-        cfg.recipe = layers.spec  # the shipped name or the folder's absolute path
-    validate(cfg)
-    return cfg
-
-
 def validate(cfg: RunConfig) -> None:
     """Every field's :class:`Rule`, then the rules that relate several keys (shapes are checked
     against the model later). Raises :class:`UsageError` naming the key."""
@@ -425,7 +397,7 @@ def validate(cfg: RunConfig) -> None:
     for key, rng in (("train.unlearn_sigmas", t.unlearn_sigmas), ("train.preserve_sigmas", t.preserve_sigmas)):
         if len(rng) != 2 or not rng[0] <= rng[1]:
             raise UsageError(f"config key {key!r} must be [min, max] with 0 < min ≤ max ≤ 1, got {rng}")
-    if t.unlearn == "none" and t.preserve == "none":
+    if not objectives.chosen(t.unlearn, t.preserve):
         raise UsageError("'train.unlearn' and 'train.preserve' are both 'none': nothing to train")
     if t.latents == "rollout":
         for key, rng in (("train.unlearn_sigmas", t.unlearn_sigmas), ("train.preserve_sigmas", t.preserve_sigmas)):
@@ -440,10 +412,11 @@ def rollout_grid(steps: int, rng: list[float]) -> list[float]:
 
 
 def init_std(cfg: TrainConfig) -> float:
-    """The generator init scale: explicit, or 0.1 for ``deviate`` (its gradient vanishes at identity), else 0."""
+    """The generator init scale: explicit, or the largest the chosen objectives need (``deviate``: 0.1, its
+    gradient vanishes at the identity; the others: 0)."""
     if not math.isnan(cfg.init_std):
         return cfg.init_std
-    return 0.1 if cfg.unlearn == "deviate" else 0.0
+    return max((o.init_std for o in objectives.chosen(cfg.unlearn, cfg.preserve)), default=0.0)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Any
 
 from saferope_engine import load_adapter
 
-from .cli import add_command
+from .base import add_command
 
 
 def register(sub) -> None:

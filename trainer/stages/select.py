@@ -22,9 +22,9 @@ import torch
 
 from saferope_engine.subspace import GramAccumulator, HeadSelection, discrimination_scores, select_heads
 
-from .config import RunConfig
-from .errors import TrainerError
-from .rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text
+from ..core.config import RunConfig
+from ..core.errors import TrainerError
+from ..core.rundir import RunDir, atomic_write_bytes, atomic_write_json, atomic_write_text
 
 logger = logging.getLogger(__name__)
 

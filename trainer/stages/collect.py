@@ -31,14 +31,14 @@ import torch
 
 from saferope_engine.subspace import GramAccumulator
 
-from .config import RunConfig, diff_fingerprints, fingerprint
-from .embeddings import EmbeddingTable
-from .errors import UsageError
-from .flux import FluxCaller
-from .models import ModelInfo
-from .progress import progress_bar
-from .rundir import DamagedFileError, RunDir, safetensors_header
-from .runtime import Runtime
+from ..core.config import RunConfig, diff_fingerprints, fingerprint
+from ..families.text import EmbeddingTable
+from ..core.errors import UsageError
+from ..families.flux1 import FluxCaller
+from ..families.models import ModelInfo
+from ..core.progress import progress_bar
+from ..core.rundir import DamagedFileError, RunDir, safetensors_header
+from ..core.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from .embeddings import TextBatch
+from .text import TextBatch
 from .models import ModelInfo
 
 
@@ -52,6 +52,10 @@ class FluxCaller:
         self.seq_len = (self.lat_h // 2) * (self.lat_w // 2)
         self.channels = self.info.in_channels
         self.img_ids = image_ids(self.lat_h // 2, self.lat_w // 2).to(self.device, self.dtype)
+
+    def from_vae(self, latents: Tensor) -> Tensor:
+        """``(B, c, h, w)`` normalised VAE latents -> the transformer's input ``(B, seq, 4c)``."""
+        return pack(latents)
 
     def noise(self, batch: int, generator: torch.Generator) -> Tensor:
         """``(B, seq, C)`` standard normal packed latents (drawn on the CPU: device-independent)."""

@@ -1,6 +1,6 @@
 """``generate``: one image from a prompt with adapters applied exactly as the nodes apply them.
 
-The FluxPipeline runs normally; each ``--adapter`` is applied with
+The model's pipeline runs normally; each ``--adapter`` is applied with
 :func:`saferope_engine.diffusers.apply_saferope` (stacked in the given order, each with its own
 ``--strength``). Latent noise comes from a CPU generator seeded with ``--seed``, so an image is
 the same on any device for the same seed.
@@ -9,19 +9,14 @@ the same on any device for the same seed.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import math
 from pathlib import Path
-from typing import Sequence
 
-import torch
-
-from saferope_engine import SafeRoPEAdapter, load_adapter
-
-from .cli import add_command
-from .errors import UsageError
-from .models import ModelInfo, image_size, load_pipeline, max_sequence_length, resolve_model
-from .rundir import atomic_save_image, check_output_dir
+from ..core.errors import UsageError
+from ..core.rundir import atomic_save_image, check_output_dir
+from ..evaluation.generation import applied, check_strengths, generate_images, load_adapters, strengths_for
+from ..families.models import image_size, load_pipeline, max_sequence_length, resolve_model
+from .base import add_command
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
@@ -53,60 +48,8 @@ def register(sub) -> None:
     p.set_defaults(func=run)
 
 
-def load_adapters(paths: Sequence[str], info: ModelInfo) -> list[SafeRoPEAdapter]:
-    """Load and check each adapter against the model's shapes (before any model is loaded)."""
-    adapters = []
-    for path in paths:
-        adapter = load_adapter(path)
-        adapter.check_compatible(info.shapes)
-        adapters.append(adapter)
-    return adapters
-
-
-def check_strengths(given: Sequence[float] | None) -> None:
-    """Every ``--strength`` must be a finite number ≥ 0."""
-    if given and any(not (math.isfinite(s) and s >= 0) for s in given):
-        raise UsageError(f"--strength must be a finite number ≥ 0, got {', '.join(map(str, given))}")
-
-
-def strengths_for(adapters: Sequence[SafeRoPEAdapter], given: Sequence[float] | None) -> list[float]:
-    check_strengths(given)
-    if not given:
-        return [1.0] * len(adapters)
-    if len(given) == 1:
-        return [given[0]] * len(adapters)
-    if len(given) != len(adapters):
-        raise UsageError(f"{len(given)} --strength values for {len(adapters)} adapters (give one, or one per adapter)")
-    return list(given)
-
-
-@contextlib.contextmanager
-def applied(transformer, adapters: Sequence[SafeRoPEAdapter], strengths: Sequence[float], threshold: float | None):
-    """Apply adapters in order; remove them in reverse order on exit."""
-    from saferope_engine.diffusers import apply_saferope
-
-    handles = []
-    try:
-        for adapter, s in zip(adapters, strengths):
-            handles.append(apply_saferope(transformer, adapter, strength=s, threshold=threshold))
-        yield handles
-    finally:
-        for h in reversed(handles):
-            h.remove()
-
-
-def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
-                    height: int, width: int, max_len: int) -> list:
-    """PIL images for ``prompts[i]`` with noise seed ``seeds[i]`` (CPU generators: device-independent)."""
-    gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    with torch.no_grad():
-        out = pipe(prompt=list(prompts), generator=gens, num_inference_steps=steps, guidance_scale=guidance,
-                   height=height, width=width, max_sequence_length=max_len, output_type="pil")
-    return list(out.images)
-
-
 def run(args: argparse.Namespace) -> int:
-    from .runtime import make_runtime
+    from ..core.runtime import make_runtime
 
     out = Path(args.out)
     if out.suffix.lower() not in IMAGE_SUFFIXES:

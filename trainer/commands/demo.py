@@ -25,9 +25,9 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from . import comfyui_copy
-from .cli import add_command
-from .errors import UsageError
+from ..core import comfyui_copy
+from ..core.errors import UsageError
+from .base import add_command
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ class DemoSettings:
     model: str = "toy"
     rank: int = 8
     count: int = 16  # heads kept
-    basis: str = "contrast"  # see trainer.select
+    basis: str = "contrast"  # see trainer.stages.select
     contrast_weight: float = 1.0
     segment: str = "txt"  # token segment whose statistics give the bases and head scores
     collect_segments: tuple[str, ...] = ("txt",)
@@ -88,7 +88,7 @@ def run(args: argparse.Namespace) -> int:
     kw = {k: v for k, v in (("concept", args.concept), ("steps", args.steps), ("seeds_per_prompt", args.seeds),
                             ("threshold", args.threshold)) if v is not None}
     settings = DemoSettings.quick(args.out, **kw) if args.quick else DemoSettings(out=args.out, **kw)
-    from .rundir import check_output_dir
+    from ..core.rundir import check_output_dir
 
     check_output_dir(Path(settings.out))  # an unusable --out is bad input (exit 2), before any work
     target = comfyui_copy.destination(args.comfyui, comfyui_copy.toy_adapter_name(settings.concept)) \
@@ -109,7 +109,7 @@ def _check(settings: DemoSettings) -> tuple[Path, Any, Any]:
     from trainer.toy import world
     from trainer.toy.config import RECIPE_FILE, Recipe
 
-    from .models import resolve_model
+    from ..families.models import resolve_model
 
     if settings.concept not in world.CONCEPTS:
         raise UsageError(f"--concept {settings.concept!r}: the toy world's concepts are {', '.join(world.CONCEPTS)}")
@@ -140,7 +140,7 @@ def _write_prompts(folder: Path, concept: str) -> dict[str, Path]:
 
 
 def _config(settings: DemoSettings, recipe, prompts: dict[str, Path], out: Path, **train: Any):
-    from .config import resolve
+    from ..resolve import resolve
 
     overrides = {
         "model": settings.model, "out": str(out), "concepts": [settings.concept], "seed": settings.seed,
@@ -162,8 +162,8 @@ def _config(settings: DemoSettings, recipe, prompts: dict[str, Path], out: Path,
 
 
 def _run_stage(command: str, cfg) -> None:
-    from .rundir import RunDir
-    from .stages import execute, preflight
+    from ..core.rundir import RunDir
+    from ..stages.run import execute, preflight
 
     execute(preflight(command, cfg, RunDir(cfg.out), None), report=False)
 

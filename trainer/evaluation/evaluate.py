@@ -11,7 +11,7 @@ variant:
 * every scorer's metrics (``toy.unsafe_rate``, ``toy.accuracy``, ``nudenet.unsafe_rate``, ``clip.score``, …).
 
 Writes ``OUT/evaluate/metrics.json``; ``results.csv`` and ``results.json`` with one row per
-(prompt, seed, variant) and ``report.md`` (:mod:`trainer.metrics`); and, unless ``--set
+(prompt, seed, variant) and ``report.md`` (:mod:`trainer.evaluation.metrics`); and, unless ``--set
 evaluate.save_images=false``, the images under ``OUT/evaluate/images/<set>/<variant>/``. With
 ``--recipe`` the sets are the recipe's held-out categories (explicit, indirect, paraphrase) and
 its benign set, scored by the recipe's scorers (NudeNet for nudity); ``--clip DIR`` adds CLIP
@@ -23,9 +23,7 @@ file once.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import math
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -34,37 +32,17 @@ import torch
 
 from saferope_engine import SafeRoPEAdapter
 
-from .cli import add_command, add_config_flags, overrides_from_args
-from .config import RunConfig, resolve
-from .errors import UsageError
-from .generate import applied, generate_images, load_adapters
-from .models import image_size, load_pipeline, max_sequence_length, resolve_model
-from .prompts import read_eval
-from .metrics import Results
-from .recipes import load_recipe
-from .rundir import RunDir, atomic_save_image, atomic_write_json, atomic_write_text, check_output_dir
-from .scorers import ScorerContext, make_scorers, score_all
+from ..core.config import RunConfig
+from ..core.errors import UsageError
+from ..core.prompts import read_eval
+from ..core.rundir import RunDir, atomic_save_image, atomic_write_json, atomic_write_text, check_output_dir
+from ..families.models import image_size, load_pipeline, max_sequence_length, resolve_model
+from ..recipes import load_recipe
+from .generation import applied, generate_images, load_adapters
+from .metrics import Results, psnr_db
+from .scorers import ScorerContext, make_scorers, requested, score_all
 
 logger = logging.getLogger(__name__)
-
-
-def register(sub) -> None:
-    p = add_command(sub, "evaluate", summary="generate prompt sets with/without adapters at fixed seeds; metrics",
-                    description="Generate every prompt of every set with the base model and with each adapter at the\n"
-                                "same seeds, and report per set and variant: gated share, changed-vs-base share, PSNR\n"
-                                "to the base image, and scorer metrics (the toy world's classifier for the toy model;\n"
-                                "NudeNet when the optional `nudenet` package is installed), SSIM to the base image, and\n"
-                                "CLIP score with --clip DIR. --recipe NAME evaluates a recipe's held-out prompts (explicit,\n"
-                                "indirect, paraphrase) and its benign set with its scorers. Writes metrics.json, results.csv\n"
-                                "and results.json (one row per prompt, seed and variant) and report.md under OUT/evaluate/.\n"
-                                "Prompt files may carry expected labels: 'a red circle<TAB>colour=red,shape=circle'.",
-                    example="python -m trainer evaluate --out runs/nudity --recipe nudity --limit 25 --seeds 0,1\n"
-                            "python -m trainer evaluate --model toy --adapter runs/red/adapter.safetensors \\\n"
-                            "    --prompts explicit=red_eval.txt --prompts benign=benign_eval.txt --seeds 0,1,2 \\\n"
-                            "    --steps 20 --out runs/red")
-    add_config_flags(p, "evaluate")
-    p.add_argument("--stack", action="store_true", help="also evaluate all adapters applied together")
-    p.set_defaults(func=run)
 
 
 class GateRecorder:
@@ -93,12 +71,6 @@ class GateRecorder:
             self.flags |= gated
 
 
-def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
-    """PSNR of uint8 images or stacks from their aggregate MSE (``inf`` when identical)."""
-    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
-    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
-
-
 def _variant_names(paths: Sequence[str]) -> list[str]:
     names, seen = [], {}
     for p in paths:
@@ -108,18 +80,10 @@ def _variant_names(paths: Sequence[str]) -> list[str]:
     return names
 
 
-def load_eval_config(args: argparse.Namespace) -> RunConfig:
-    overrides = overrides_from_args(args, "evaluate")
-    cfg = resolve(config_file=args.config, overrides=overrides)
-    if cfg.out and RunDir(cfg.out).has_run():
-        cfg = resolve(run_config=RunDir(cfg.out).config, config_file=args.config, overrides=overrides)
-    return cfg
+def run_evaluation(cfg: RunConfig, *, stack: bool = False) -> int:
+    """Generate, score and report every prompt set of ``cfg.evaluate`` (``stack``: all adapters together too)."""
+    from ..core.runtime import make_runtime
 
-
-def run(args: argparse.Namespace) -> int:
-    from .runtime import make_runtime
-
-    cfg = load_eval_config(args)
     e = cfg.evaluate
     if not cfg.out:
         raise UsageError("no output directory: give --out DIR")
@@ -138,15 +102,15 @@ def run(args: argparse.Namespace) -> int:
     h, w = image_size(info, cfg.height, cfg.width)
     max_len = max_sequence_length(info, cfg.max_sequence_length)
     concepts = tuple(dict.fromkeys(c for a in adapters for c in a.meta.concepts))
-    names = list(e.scorers) + (["clip"] if e.clip and "clip" not in e.scorers else [])
-    clip_device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
-    scorers = make_scorers(names, ScorerContext(model=cfg.model, concepts=concepts,
-                                                options={"clip": e.clip, "device": clip_device}))
+    device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    options = {"clip": e.clip, "device": device}
+    scorers = make_scorers(requested(e.scorers, options), ScorerContext(model=cfg.model, concepts=concepts,
+                                                                        options=options))
     recipe = load_recipe(cfg.recipe) if cfg.recipe else None
     table = Results(recipe=recipe.name if recipe else "")
     variants: list[tuple[str, list[SafeRoPEAdapter]]] = [("base", [])]
     variants += [(name, [a]) for name, a in zip(_variant_names(paths), adapters)]
-    if args.stack and len(adapters) > 1:
+    if stack and len(adapters) > 1:
         variants.append(("stack", adapters))
 
     runtime = make_runtime(cfg.device, "no")

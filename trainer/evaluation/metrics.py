@@ -23,14 +23,21 @@ import csv
 import io
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from .scorers import CLIP
+
 SCHEMA = "saferope.evaluate/1"
 FIXED_COLUMNS = ("prompt_id", "category", "prompt", "seed", "variant", "unsafe", "gated", "changed", "psnr", "ssim",
                  "clip_score")
+
+
+def psnr_db(a: np.ndarray, b: np.ndarray) -> float:
+    """PSNR of uint8 images or stacks from their aggregate MSE (``inf`` when identical)."""
+    mse = float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0 ** 2 / mse)
 
 
 def _gaussian(size: int, sigma: float) -> np.ndarray:
@@ -93,8 +100,6 @@ class Results:
 
         Returns the set-level preservation metrics (``psnr`` over the whole set, mean ``ssim``).
         """
-        from .evaluate import psnr_db
-
         if self.unsafe_by is None:
             for s in scores:
                 names = [k.rsplit(".", 1)[0] for k in s if k.endswith(".unsafe")]
@@ -110,8 +115,8 @@ class Results:
             sc = dict(scores[n]) if n < len(scores) else {}
             if self.unsafe_by and f"{self.unsafe_by}.unsafe" in sc:
                 row["unsafe"] = int(sc[f"{self.unsafe_by}.unsafe"])
-            if "clip.score" in sc:
-                row["clip_score"] = float(sc.pop("clip.score"))
+            if f"{CLIP}.score" in sc:
+                row["clip_score"] = float(sc.pop(f"{CLIP}.score"))
             if base is not None:
                 ref = base[n]
                 changed = not np.array_equal(arr, ref)
@@ -187,8 +192,8 @@ class Results:
         else:
             lines += ["No unsafe-rate scorer ran (the recipe has no shipped detector for its concept); gating and "
                       "preservation only.", ""]
-        if "clip" in scorers:
-            lines += [f"**CLIP score** = {scorers['clip'].get('score')} ({scorers['clip'].get('model')}).", ""]
+        if CLIP in scorers:
+            lines += [f"**CLIP score** = {scorers[CLIP].get('score')} ({scorers[CLIP].get('model')}).", ""]
         lines += ["**PSNR / SSIM** compare each image with the base model's image of the same prompt and seed "
                   "(PSNR over the set's pixels; identical sets show `identical`).", "",
                   "| category | variant | images | unsafe rate | vs base | gated | changed | PSNR (dB) | SSIM | CLIP score |",

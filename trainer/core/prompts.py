@@ -8,7 +8,7 @@ tab-separated forms:
 * evaluation files: ``prompt<TAB>key=value,key=value`` gives expected labels for scorers
   (e.g. ``a red circle<TAB>colour=red,shape=circle``).
 
-Each of these is a one-line :class:`~trainer.errors.UsageError` naming the file (and the line):
+Each of these is a one-line :class:`~trainer.core.errors.UsageError` naming the file (and the line):
 a missing, unreadable or empty file, a folder given as a file, a line holding a control character
 (NUL, a carriage return inside the line, …). Lines end at ``\n`` (``\r\n`` too), so line numbers
 are the ones an editor shows; a UTF-8 byte-order mark is dropped.

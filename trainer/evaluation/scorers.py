@@ -7,12 +7,14 @@ A scorer is any object with a ``name`` and
 
 (``labels[i]`` are the expected labels of prompt ``i`` from the prompt file's second column,
 possibly empty). Scorers are made by factories ``factory(ctx: ScorerContext) -> Scorer``
-registered under a name (:func:`register_scorer`). Built in:
+registered under a name in the table :data:`SCORERS` (:func:`register_scorer`). Built in:
 
 * ``nudenet`` — NudeNet's detector (only when the optional ``nudenet`` package is installed);
-* ``toy`` — supplied by ``trainer.toy.make_scorer(ctx)`` (the toy world's colour/shape classifier);
-* ``clip`` — CLIP score of image and prompt (:mod:`trainer.clipscore`; ``ctx.options["clip"]``
+* ``clip`` — CLIP score of image and prompt (:mod:`trainer.evaluation.clipscore`; ``ctx.options["clip"]``
   names a local CLIP folder, ``evaluate --clip DIR``).
+
+Extensions add theirs (:mod:`trainer.extensions`): the toy world registers ``toy``, its
+colour/shape classifier, which ``auto`` includes for the toy model.
 
 A scorer may also score image by image: ``score_images(images, prompts, labels)`` returns one
 ``{metric: value}`` per image (the rows of ``evaluate``'s results.csv/json) and
@@ -28,12 +30,10 @@ from __future__ import annotations
 
 import importlib.util
 import logging
-import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
 
-from .errors import UsageError
+from ..core.errors import UsageError
 
 logger = logging.getLogger(__name__)
 
@@ -182,6 +182,13 @@ def _nudenet_factory(ctx: ScorerContext) -> Scorer:
     return NudeNetScorer()
 
 
+def _nudenet_auto(ctx: ScorerContext) -> bool:
+    if nudenet_available():
+        return True
+    logger.info("NudeNet not installed: no nudity metric (%s adds it)", NUDENET_INSTALL)
+    return False
+
+
 def _clip_factory(ctx: ScorerContext) -> Scorer:
     from .clipscore import ClipScorer
 
@@ -191,46 +198,81 @@ def _clip_factory(ctx: ScorerContext) -> Scorer:
     return ClipScorer(str(folder), device=str(ctx.options.get("device", "cpu")))
 
 
-def _toy_factory(ctx: ScorerContext) -> Scorer:
-    try:
-        from trainer import toy
-    except ImportError as e:
-        raise UsageError(f"scorer 'toy': the toy world is not available in this install ({e})") from None
-    make = getattr(toy, "make_scorer", None)
-    if make is None:
-        raise UsageError("scorer 'toy': trainer.toy provides no make_scorer(ctx)")
-    return make(ctx)
+@dataclass(frozen=True)
+class ScorerEntry:
+    """One entry of :data:`SCORERS`: how to make the scorer, and when it runs without being named.
+
+    ``auto(ctx)``: ``--scorer auto`` includes it; ``option``: an evaluation option (a key of
+    ``ScorerContext.options``) whose value adds it to any list (``--clip DIR`` adds ``clip``).
+    """
+
+    name: str
+    factory: Callable[[ScorerContext], Scorer]
+    auto: Callable[[ScorerContext], bool] | None = None  # None: only when named
+    option: str | None = None
 
 
-SCORERS: dict[str, Callable[[ScorerContext], Scorer]] = {"nudenet": _nudenet_factory, "toy": _toy_factory,
-                                                          "clip": _clip_factory}
+#: The CLIP-score scorer's name; its per-image ``score`` fills the results' ``clip_score`` column.
+CLIP = "clip"
+#: Every scorer by name, in the order ``auto`` tries them (the only place that knows them; extensions —
+#: the toy world among them — add theirs with :func:`register_scorer`).
+SCORERS: dict[str, ScorerEntry] = {e.name: e for e in (
+    ScorerEntry("nudenet", _nudenet_factory, auto=_nudenet_auto),
+    ScorerEntry(CLIP, _clip_factory, option="clip"),
+)}
+#: Names with a meaning of their own in ``--scorer`` lists.
+AUTO, NONE = "auto", "none"
 
 
-def register_scorer(name: str, factory: Callable[[ScorerContext], Scorer]) -> None:
-    """Make ``--scorer NAME`` available (e.g. from a plug-in module)."""
-    SCORERS[name] = factory
+def register_scorer(name: str, factory: Callable[[ScorerContext], Scorer], *,
+                    auto: Callable[[ScorerContext], bool] | None = None) -> None:
+    """Make ``--scorer NAME`` available (and, with ``auto(ctx)`` true, part of ``--scorer auto``)."""
+    if not name or name in (AUTO, NONE):
+        raise ValueError(f"scorer name {name!r} is reserved or empty")
+    SCORERS[name] = ScorerEntry(name, factory, auto)
+
+
+def scorer_names() -> list[str]:
+    """The registered scorer names (after loading the extensions, which may add some)."""
+    from ..extensions import load_extensions
+
+    load_extensions()
+    return list(SCORERS)
+
+
+def check_scorer_name(name: str) -> None:
+    """Raise :class:`UsageError` unless ``name`` is ``auto``, ``none`` or a registered scorer."""
+    if name not in (AUTO, NONE) and name not in scorer_names():
+        raise UsageError(f"unknown scorer {name!r} (known: {AUTO}, {NONE}, {', '.join(sorted(SCORERS))})")
+
+
+def requested(names: Sequence[str], options: Mapping[str, Any]) -> list[str]:
+    """``names`` plus every scorer whose ``option`` is set in ``options`` (e.g. ``clip`` for ``--clip DIR``)."""
+    out = list(names)
+    for entry in SCORERS.values():
+        if entry.option and options.get(entry.option) and entry.name not in out:
+            out.append(entry.name)
+    return out
 
 
 def make_scorers(names: Sequence[str], ctx: ScorerContext) -> list[Scorer]:
-    """Scorers for ``names``: ``auto`` = NudeNet if installed + the toy scorer for the toy model; ``none`` = none."""
+    """Scorers for ``names``: ``auto`` = every entry whose ``auto(ctx)`` holds (NudeNet when installed, the toy
+    scorer for the toy model); ``none`` = none; any other name must be registered."""
     out: list[Scorer] = []
     for name in names:
-        if name == "none":
+        check_scorer_name(name)
+        if name == NONE:
             continue
-        if name == "auto":
-            if nudenet_available():
-                out.append(SCORERS["nudenet"](ctx))
-            else:
-                logger.info("NudeNet not installed: no nudity metric (%s adds it)", NUDENET_INSTALL)
-            if ctx.model == "toy":
+        if name == AUTO:
+            for entry in list(SCORERS.values()):
+                if entry.auto is None or not entry.auto(ctx):
+                    continue
                 try:
-                    out.append(SCORERS["toy"](ctx))
+                    out.append(entry.factory(ctx))
                 except UsageError as e:
-                    logger.warning("toy scorer unavailable: %s", e)
+                    logger.warning("%s scorer unavailable: %s", entry.name, e)
             continue
-        if name not in SCORERS:
-            raise UsageError(f"unknown scorer {name!r} (known: auto, none, {', '.join(sorted(SCORERS))})")
-        out.append(SCORERS[name](ctx))
+        out.append(SCORERS[name].factory(ctx))
     names_seen = set()
     unique = []
     for s in out:

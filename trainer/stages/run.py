@@ -1,16 +1,14 @@
-"""``collect``, ``select``, ``train`` and ``build``: checks first, then the stages in order.
+"""The stages of ``collect``, ``select``, ``train`` and ``build``: checks first, then the stages in order.
 
 Every input (config, prompt files, model folder and its weight files, shapes, the output
 directory, run-directory state: statistics and checkpoints verified, damaged ones skipped with a
 note) is checked before anything is written, so bad input leaves the output directory untouched.
 ``build`` runs the three stages from one config file; each stage can also run alone on the same
-``--out``.
+``--out``. The commands themselves are :mod:`trainer.commands.build` and its siblings.
 """
 
 from __future__ import annotations
 
-import argparse
-import functools
 import json
 import logging
 import sys
@@ -18,72 +16,18 @@ from dataclasses import dataclass, field
 from typing import Any
 from pathlib import Path
 
-from .cli import add_command, add_config_flags, overrides_from_args
+from . import objectives
 from .collect import SETS, pick_stats, stats_metadata
-from .config import RunConfig, jsonable, resolve
-from .errors import UsageError
-from .models import ModelInfo, image_size, max_sequence_length, resolve_model
-from .prompts import UnlearnPrompts, read_prompts, read_unlearn
-from .rundir import DamagedFileError, RunDir, check_output_dir
-from .runtime import launched_processes
+from ..core.config import RunConfig, jsonable
+from ..core.errors import UsageError
+from ..families.models import ModelInfo, image_size, max_sequence_length, resolve_model
+from ..core.prompts import UnlearnPrompts, read_prompts, read_unlearn
+from ..core.rundir import DamagedFileError, RunDir, check_output_dir
+from ..core.runtime import launched_processes
 
 logger = logging.getLogger(__name__)
 
 STAGES = {"collect": ("collect",), "select": ("select",), "train": ("train",), "build": ("collect", "select", "train")}
-
-HELP = {
-    "collect": ("accumulate Gram statistics of queries/keys on unsafe and safe prompts",
-                "Run the frozen transformer on the unsafe and safe prompt files at several noise levels and\n"
-                "accumulate per-head Gram matrices of the post-QK-norm, pre-RoPE queries and keys (padding\n"
-                "excluded; memory independent of the prompt count). Resumable with --resume latest.",
-                "python -m trainer collect --model ./FLUX.1-dev --unsafe nudity.txt --safe coco.txt \\\n"
-                "    --sigmas 1,0.8,0.6,0.4 --out runs/nudity"),
-    "select": ("score heads and choose the safety-critical ones (heatmap PNG + table)",
-               "Compute each head's unsafe subspace (top-r eigenvectors) and its discrimination score\n"
-               "d = E_unsafe - E_safe from the collected statistics; keep heads by count, fraction or margin.\n"
-               "Writes OUT/select/scores.png (blocks x heads), heads.csv, heads.md and selection.json.",
-               "python -m trainer select --out runs/nudity --rank 4 --count 24"),
-    "train": ("learn the rotation generators of the chosen heads",
-              "Learn A = W - W^T per chosen head with unlearn (anchor | deviate) and preserve (distill | flow)\n"
-              "objectives; only the generators get gradients. Checkpoints every N steps (rotated, atomic);\n"
-              "--resume latest continues exactly. Writes OUT/adapter.safetensors and OUT/metrics.json.",
-              "python -m trainer train --out runs/nudity --steps 300 --unlearn anchor --anchors rewrites.txt \\\n"
-              "    --preserve distill --threshold 0.5"),
-    "build": ("collect → select → train from one config file or a recipe (the usual way)",
-              "Run collect, select and train in one go from a TOML config file and/or a concept recipe\n"
-              "(--recipe NAME|DIR: prompts, concept and per-model-family defaults; see `recipes`); flags override both.\n"
-              "Writes OUT/config.resolved.toml, OUT/adapter.safetensors, OUT/metrics.json, OUT/select/scores.png\n"
-              "and logs. Interrupted? Run the same command with --resume latest.",
-              "python -m trainer build --recipe nudity --model ./FLUX.1-dev --out runs/nudity\n"
-              "python -m trainer build --config red.toml --out runs/red\n\n"
-              "red.toml:\n"
-              "  model = \"toy\"\n  concepts = [\"red\"]\n"
-              "  [prompts]\n  unsafe = \"red.txt\"      # 'a red circle<TAB>a blue circle' lines for the anchor objective\n"
-              "  safe = \"benign.txt\"\n"
-              "  [select]\n  rank = 2\n  count = 8\n"
-              "  [train]\n  steps = 300\n  unlearn = \"anchor\"\n  preserve = \"distill\"\n  threshold = 0.5"),
-}
-
-
-def register(sub) -> None:
-    for name in ("build", "collect", "select", "train"):
-        summary, description, example = HELP[name]
-        p = add_command(sub, name, summary=summary, description=description, example=example)
-        add_config_flags(p, name)
-        p.set_defaults(func=functools.partial(run_command, name))
-
-
-def load_config(args: argparse.Namespace, command: str) -> tuple[RunConfig, RunDir]:
-    """Resolve the config; a run directory's stored config is the base for later commands."""
-    overrides = overrides_from_args(args, command)
-    cfg = resolve(config_file=args.config, overrides=overrides)
-    if not cfg.out:
-        raise UsageError("no run directory: give --out DIR (or `out` in the config file)")
-    run = RunDir(cfg.out)
-    if run.has_run():
-        cfg = resolve(run_config=run.config, config_file=args.config, overrides=overrides)
-    return cfg, run
-
 
 @dataclass
 class Plan:
@@ -144,17 +88,17 @@ def preflight(command: str, cfg: RunConfig, run: RunDir, resume: str | None) -> 
     check_output_dir(run.root)
     if command == "build" and run.has_run() and not resume:
         raise UsageError(f"{str(run.root)!r} already holds a run; add --resume latest to continue it or choose another --out")
-    t = cfg.train
+    # What the training objectives read (trainer.stages.objectives), when this command trains.
+    needs = objectives.needs(cfg.train.unlearn, cfg.train.preserve) if "train" in stages else set()
     # Prompt files first (cheap, and the most common mistake).
-    if "collect" in stages or ("train" in stages and t.unlearn != "none"):
-        plan.unsafe = read_unlearn(cfg.prompts.unsafe, cfg.prompts.anchors or None,
-                                   need_anchors="train" in stages and t.unlearn == "anchor")
-    if "collect" in stages or ("train" in stages and t.preserve == "distill"):
+    if "collect" in stages or "unsafe" in needs:
+        plan.unsafe = read_unlearn(cfg.prompts.unsafe, cfg.prompts.anchors or None, need_anchors="anchors" in needs)
+    if "collect" in stages or "safe" in needs:
         plan.safe = read_prompts(cfg.prompts.safe, what="safe prompts")
-    if "train" in stages and t.preserve == "flow":
-        from .images import list_images
+    if "images" in needs:
+        from ..core.images import list_images
 
-        plan.images = list_images(t.images)
+        plan.images = list_images(cfg.train.images)
     # Model and shapes.
     if "collect" in stages or "train" in stages:
         plan.info = resolve_model(cfg.model)
@@ -195,13 +139,6 @@ def preflight(command: str, cfg: RunConfig, run: RunDir, resume: str | None) -> 
     return plan
 
 
-def run_command(command: str, args: argparse.Namespace) -> int:
-    cfg, run = load_config(args, command)
-    plan = preflight(command, cfg, run, getattr(args, "resume", None))
-    execute(plan)
-    return 0
-
-
 def _file_logging(run: RunDir, command: str, runtime) -> logging.Handler:
     """The run's log file: ``logs/<command>.log`` from the main process; each other process writes its
     warnings and errors to ``logs/<command>.rank-N.log`` (created only if it has any)."""
@@ -225,8 +162,8 @@ def execute(plan: Plan, report: bool = True) -> None:
     """
     import torch
 
-    from .models import load_transformer, torch_dtype
-    from .runtime import make_runtime
+    from ..families.models import load_transformer, torch_dtype
+    from ..core.runtime import make_runtime
 
     cfg, run = plan.cfg, plan.run
     runtime = make_runtime(cfg.device, cfg.mixed_precision)
@@ -245,8 +182,8 @@ def execute(plan: Plan, report: bool = True) -> None:
         for note in plan.notes if runtime.is_main else []:
             logger.warning("%s", note)
         if plan.info is not None:
-            from .embeddings import encode_sets
-            from .flux import FluxCaller
+            from ..families.flux1 import FluxCaller
+            from ..families.text import encode_sets
 
             tables = encode_sets(plan.info, _prompt_sets(plan), max_len=plan.max_len, dtype=cfg.dtype,
                                  runtime=runtime, cache_dir=run.cache)
@@ -282,11 +219,16 @@ def execute(plan: Plan, report: bool = True) -> None:
             torch.cuda.empty_cache()
 
 
+def _needs(plan: Plan) -> set[str]:
+    """What the command's training objectives read (empty when it does not train)."""
+    return objectives.needs(plan.cfg.train.unlearn, plan.cfg.train.preserve) if "train" in plan.stages else set()
+
+
 def _prompt_sets(plan: Plan) -> dict[str, list[str]]:
     sets: dict[str, list[str]] = {}
     if plan.unsafe is not None:
         sets["unsafe"] = plan.unsafe.prompts
-        if "train" in plan.stages and plan.cfg.train.unlearn == "anchor" and plan.unsafe.anchors is not None:
+        if "anchors" in _needs(plan) and plan.unsafe.anchors is not None:
             sets["anchors"] = plan.unsafe.anchors
     if plan.safe is not None:
         sets["safe"] = plan.safe
@@ -303,12 +245,12 @@ def _train(plan: Plan, runtime, transformer, caller, tables) -> None:
     base_model = cfg.base_model or plan.info.name
     selection = read_selection(run)
     adapter = initial_adapter(cfg, run, selection, plan.shapes, base_model)
-    t = cfg.train
-    data = TrainData(unsafe=tables.get("unsafe") if t.unlearn != "none" else None,
-                     anchors=tables.get("anchors"), safe=tables.get("safe") if t.preserve == "distill" else None,
+    needs = _needs(plan)
+    data = TrainData(unsafe=tables.get("unsafe") if "unsafe" in needs else None,
+                     anchors=tables.get("anchors"), safe=tables.get("safe") if "safe" in needs else None,
                      captions=tables.get("captions"))
-    if t.preserve == "flow":
-        from .images import encode_images
+    if "images" in needs:
+        from ..families.latents import encode_images
 
         data.image_latents = encode_images(plan.info, plan.images, height=plan.size[0], width=plan.size[1],
                                            dtype=cfg.dtype, runtime=runtime, cache_dir=run.cache)
@@ -338,7 +280,7 @@ def _report(plan: Plan) -> None:
     if "train" in plan.stages:
         lines.append(f"adapter:       {run.adapter}")
         if plan.cfg.recipe and plan.info is not None:
-            from .recipes import adapter_filename, load_recipe
+            from ..recipes import adapter_filename, load_recipe
 
             name = adapter_filename(load_recipe(plan.cfg.recipe).name, plan.cfg.base_model or plan.info.name)
             lines.append(f"for ComfyUI:   cp {run.adapter} ComfyUI/models/saferope/{name}")

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from saferope_engine.authors import load_authors_checkpoint
 
-from .cli import add_command
-from .errors import UsageError
+from ..core.errors import UsageError
+from .base import add_command
 
 
 def register(sub) -> None:

@@ -2,12 +2,8 @@
 
 Each patched block and segment gets a parameter ``W`` ``(n, r, r)``; the adapter uses
 ``A = W − Wᵀ`` (exactly skew; ``W = 0`` is the identity). The loss per step is
-``λ_u·L_unlearn + λ_p·L_preserve``:
-
-* ``anchor``: ``MSE(v_adapter(unsafe), v_base(anchor))`` — the unsafe prompt should move like
-  its safe rewrite; ``deviate`` (the authors'): ``tanh(−MSE(v_adapter(unsafe), v_base(unsafe)))``;
-* ``distill``: ``MSE(v_adapter(safe), v_base(safe))`` (no images needed); ``flow``: the
-  flow-matching loss ``MSE(v_adapter(caption), ε − x₀)`` on an image-caption folder.
+``λ_u·L_unlearn + λ_p·L_preserve``, the objectives of :mod:`trainer.stages.objectives`
+(``anchor`` | ``deviate``, ``distill`` | ``flow``).
 
 The adapter runs through :func:`saferope_engine.diffusers.apply_saferope`; base-model targets come
 from the same patched transformer inside ``handle.bypassed()`` without gradients. Only ``W``
@@ -34,7 +30,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from saferope_engine import BlockAdapter, SafeRoPEAdapter
@@ -42,14 +37,14 @@ from saferope_engine import adapter as adapter_format
 from saferope_engine.subspace import GramAccumulator, assemble_adapter
 
 from .collect import COLLECT_KEYS, step_seed
-from .config import RunConfig, diff_fingerprints, fingerprint, init_std, jsonable, rollout_grid
-from .embeddings import EmbeddingTable, TextBatch
-from .errors import TrainerError, UsageError
-from .flux import FluxCaller
-from .flux import pack
-from .progress import progress_bar
-from .rundir import DamagedFileError, RunDir, atomic_write_json, check_manifest, commit_dir, write_manifest
-from .runtime import Runtime
+from .objectives import NONE, OBJECTIVES, ROLES
+from ..core.config import RunConfig, diff_fingerprints, fingerprint, init_std, jsonable, rollout_grid
+from ..families.text import EmbeddingTable, TextBatch
+from ..core.errors import TrainerError, UsageError
+from ..families.flux1 import FluxCaller
+from ..core.progress import progress_bar
+from ..core.rundir import DamagedFileError, RunDir, atomic_write_json, check_manifest, commit_dir, write_manifest
+from ..core.runtime import Runtime
 
 logger = logging.getLogger(__name__)
 
@@ -257,13 +252,14 @@ class Trainer:
             self.transformer.disable_gradient_checkpointing()
 
     # -- one step ------------------------------------------------------------------------------
-    def _sigma(self, gen: torch.Generator, rng: list[float]) -> float:
+    def sigma(self, gen: torch.Generator, rng: list[float]) -> float:
+        """A noise level in ``rng``: a rollout grid point, or uniform for ``latents = \"noise\"``."""
         if self.t.latents == "rollout":
             grid = rollout_grid(self.t.rollout_steps, rng)
             return grid[int(torch.randint(len(grid), (1,), generator=gen))]
         return rng[0] + (rng[1] - rng[0]) * float(torch.rand(1, generator=gen))
 
-    def _latents(self, gen: torch.Generator, text: TextBatch, sigma: float) -> Tensor:
+    def latents(self, gen: torch.Generator, text: TextBatch, sigma: float) -> Tensor:
         """Noisy latents at ``sigma``: a base-model rollout of the target prompt, or random x₀ mixed with noise."""
         B = len(text)
         x1 = self.caller.noise(B, gen)
@@ -273,7 +269,7 @@ class Trainer:
         x0 = self.caller.noise(B, gen)
         return (1.0 - sigma) * x0 + sigma * x1
 
-    def _pair(self, x: Tensor, sigma: float, text: TextBatch, target_text: TextBatch) -> tuple[Tensor, Tensor]:
+    def pair(self, x: Tensor, sigma: float, text: TextBatch, target_text: TextBatch) -> tuple[Tensor, Tensor]:
         """``(v_adapter(text), v_base(target_text))`` at the same latents and noise level."""
         s = torch.full((x.shape[0],), sigma)
         with torch.no_grad(), self.handle.bypassed(), self.runtime.autocast():
@@ -282,51 +278,30 @@ class Trainer:
             pred = self.caller.velocity(x, s, text)
         return pred.float(), target.float()
 
-    def _rows(self, table: EmbeddingTable, idx: list[int]) -> TextBatch:
+    def rows(self, table: EmbeddingTable, idx: list[int]) -> TextBatch:
+        """Rows ``idx`` of ``table`` on the run's device and dtype."""
         return table.rows(idx).to(self.runtime.device, self.caller.dtype)
 
+    def draw(self, table: EmbeddingTable, gen: torch.Generator) -> list[int]:
+        """A batch of row indices of ``table`` (with replacement)."""
+        return torch.randint(len(table), (self.t.batch_size,), generator=gen).tolist()
+
     def train_step(self) -> dict[str, float]:
-        """One optimisation step; returns its losses."""
-        t, d = self.t, self.data
+        """One optimisation step (each role's objective of :data:`~trainer.stages.objectives.OBJECTIVES`); its losses."""
+        t = self.t
         gen = torch.Generator().manual_seed(step_seed(self.cfg.seed, "train", self.step, self.runtime.process_index))
         self.optimizer.zero_grad(set_to_none=True)
         logs: dict[str, float] = {}
         total = 0.0
-        if t.unlearn != "none":
+        for role in ROLES:
+            name, weight = getattr(t, role), getattr(t, f"lambda_{role}")
+            if name == NONE:
+                continue
             bind(self.adapter, self.params)
-            idx = torch.randint(len(d.unsafe), (t.batch_size,), generator=gen).tolist()
-            text = self._rows(d.unsafe, idx)
-            target_text = self._rows(d.anchors, idx) if t.unlearn == "anchor" else text
-            sigma = self._sigma(gen, t.unlearn_sigmas)
-            x = self._latents(gen, target_text, sigma)
-            pred, target = self._pair(x, sigma, text, target_text)
-            mse = F.mse_loss(pred, target)
-            loss = mse if t.unlearn == "anchor" else torch.tanh(-mse)
-            _backward(t.lambda_unlearn * loss)
-            logs["unlearn"] = float(loss.detach())
-            total += t.lambda_unlearn * logs["unlearn"]
-        if t.preserve != "none":
-            bind(self.adapter, self.params)
-            if t.preserve == "distill":
-                idx = torch.randint(len(d.safe), (t.batch_size,), generator=gen).tolist()
-                text = self._rows(d.safe, idx)
-                sigma = self._sigma(gen, t.preserve_sigmas)
-                x = self._latents(gen, text, sigma)
-                pred, target = self._pair(x, sigma, text, text)
-            else:
-                idx = torch.randint(len(d.captions), (t.batch_size,), generator=gen).tolist()
-                text = self._rows(d.captions, idx)
-                sigma = self._sigma(gen, t.preserve_sigmas)
-                x0 = pack(d.image_latents[idx]).to(self.runtime.device, self.caller.dtype)  # (B,c,h,w) -> (B,seq,4c)
-                eps = self.caller.noise(len(idx), gen)
-                x = (1.0 - sigma) * x0 + sigma * eps
-                with self.runtime.autocast():
-                    pred = self.caller.velocity(x, torch.full((len(idx),), sigma), text).float()
-                target = (eps - x0).float()
-            loss = F.mse_loss(pred, target)
-            _backward(t.lambda_preserve * loss)
-            logs["preserve"] = float(loss.detach())
-            total += t.lambda_preserve * logs["preserve"]
+            loss = OBJECTIVES[name].loss(self, gen)
+            _backward(weight * loss)
+            logs[role] = float(loss.detach())
+            total += weight * logs[role]
         grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params.values()]
         for p, g in zip(self.params.values(), grads):
             p.grad = g

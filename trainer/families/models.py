@@ -1,7 +1,7 @@
 """Resolve ``--model`` to a local diffusers FLUX folder, check its layout, and load its parts.
 
-``--model`` is one of: ``toy`` (the shipped toy model, ``trainer.toy.TOY_MODEL_DIR``); a local
-folder in the diffusers FLUX.1 layout (``transformer/``, ``text_encoder/`` + ``tokenizer/`` (CLIP),
+``--model`` is one of: a registered name (:func:`register_model`; the toy world registers ``toy``,
+its shipped model); a local folder in the diffusers FLUX.1 layout (``transformer/``, ``text_encoder/`` + ``tokenizer/`` (CLIP),
 ``text_encoder_2/`` + ``tokenizer_2/`` (T5), ``vae/``, ``scheduler/``); or a Hugging Face hub id
 that is already in the local cache. Nothing is ever downloaded: the hub is queried in
 local-files-only mode and ``HF_HUB_OFFLINE`` is set by the CLI.
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .errors import UsageError
-from .rundir import DamagedFileError, safetensors_header
+from ..core.errors import UsageError
+from ..core.rundir import DamagedFileError, safetensors_header
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +79,35 @@ class ModelInfo:
         return out
 
 
-def _toy_dir() -> Path:
-    try:
-        from trainer.toy import TOY_MODEL_DIR  # the toy world is optional in this package
-    except ImportError as e:
-        raise UsageError(f"MODEL 'toy': the toy model is not available in this install ({e})") from None
-    return Path(TOY_MODEL_DIR)
+#: Models known by name (``--model toy``), added by extensions (:func:`register_model`).
+NAMED_MODELS: dict[str, Path] = {}
+
+
+def register_model(name: str, folder: str | Path) -> None:
+    """Make ``--model NAME`` mean the diffusers pipeline folder ``folder`` (an extension calls this)."""
+    if not name or "/" in name or name.startswith((".", "~")):
+        raise ValueError(f"a model name is one word, got {name!r}")
+    NAMED_MODELS[name] = Path(folder)
+
+
+def named_model(spec: str) -> Path | None:
+    """The folder registered as ``spec`` (after loading the extensions), or ``None``."""
+    from ..extensions import load_extensions
+
+    if spec not in NAMED_MODELS:
+        load_extensions()
+    return NAMED_MODELS.get(spec)
+
+
+def _unknown_name(spec: str) -> UsageError:
+    """The error for a bare name that is no folder and no registered model (naming failed extensions)."""
+    from ..extensions import failures
+
+    failed = failures()
+    if failed:
+        why = "; ".join(f"extension {ref}: {err}" for ref, err in failed.items())
+        return UsageError(f"MODEL {spec!r}: the {spec} model is not available in this install ({why})")
+    return UsageError(f"MODEL {spec!r}: no such folder")
 
 
 def _hub_dir(spec: str) -> Path:
@@ -111,8 +134,9 @@ def resolve_model(spec: str, *, need: tuple[str, ...] = tuple(LAYOUT)) -> ModelI
     """Find and check the model folder; raises a one-line :class:`UsageError` naming what is missing."""
     if not spec:
         raise UsageError("no model given (--model FOLDER | HUB_ID | toy)")
-    if spec == "toy":
-        path, name = _toy_dir(), "toy"
+    named = named_model(spec) if "/" not in spec and not spec.startswith((".", "~")) else None
+    if named is not None:
+        path, name = named, spec
     elif Path(spec).expanduser().exists():
         path = Path(spec).expanduser()
         name = path.resolve().name
@@ -120,6 +144,8 @@ def resolve_model(spec: str, *, need: tuple[str, ...] = tuple(LAYOUT)) -> ModelI
             raise UsageError(f"MODEL {spec!r}: not a folder")
     elif "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
         path, name = _hub_dir(spec), spec
+    elif "/" not in spec and not spec.startswith((".", "~")):
+        raise _unknown_name(spec)
     else:
         raise UsageError(f"MODEL {spec!r}: no such folder")
     for sub in need:
@@ -166,7 +192,7 @@ def resolve_model(spec: str, *, need: tuple[str, ...] = tuple(LAYOUT)) -> ModelI
 
 def check_weights(path: Path, sub: str, spec: str) -> list[Path]:
     """The safetensors files of ``path/sub`` (an index's shards, or every ``*.safetensors``), each checked
-    complete by its header (:func:`trainer.rundir.safetensors_header`); raises naming the file."""
+    complete by its header (:func:`trainer.core.rundir.safetensors_header`); raises naming the file."""
     folder = path / sub
     indexes = sorted(folder.glob("*.safetensors.index.json"))
     if indexes:
