@@ -233,7 +233,7 @@ def test_cli_recipes_and_bad_recipe_writes_nothing(cli, tmp_path):
 
 
 def test_model_family(tiny_flux, tmp_path):
-    from trainer.families import model_family
+    from trainer.families.models import model_family
 
     assert model_family("toy") == "flux1" and model_family(str(tiny_flux)) == "flux1"
     import shutil

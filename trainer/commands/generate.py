@@ -80,7 +80,7 @@ def run(args: argparse.Namespace) -> int:
     runtime = make_runtime(args.device, "no")
     pipe = load_pipeline(info, args.dtype, runtime.device)
     with applied(pipe.transformer, adapters, strengths, args.threshold):
-        image = generate_images(pipe, [args.prompt], [args.seed], steps=args.steps, guidance=args.guidance,
+        image = generate_images(info, pipe, [args.prompt], [args.seed], steps=args.steps, guidance=args.guidance,
                                 height=h, width=w, max_len=max_len)[0]
     atomic_save_image(image, out)
     print(f"wrote {out} ({w}×{h}, seed {args.seed}, {len(adapters)} adapter(s))")

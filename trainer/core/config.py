@@ -188,7 +188,11 @@ class SelectConfig(_Checked):
     count: int = _f(8, **_NONNEG)  # keep the N best heads over all blocks
     fraction: float = _f(0.0, ge=0.0, le=1.0)  # keep this share of all heads
     margin: float = _f(float("nan"), unset_nan=True)  # keep heads with d ≥ margin (NaN = unused)
-    kinds: list[str] = _f(factory=lambda: ["double", "single"], choices=("double", "single"), nonempty=True,
+    # block kinds heads may come from; kinds the model lacks are skipped (at least one must remain). The
+    # model family's own kinds: FLUX.1, Flux.2, Chroma, HunyuanImage: double, single; Qwen-Image: double;
+    # Z-Image: context_refiner, noise_refiner, main
+    kinds: list[str] = _f(factory=lambda: ["double", "single"], pattern=r"[a-z][a-z0-9_]{0,63}",
+                          pattern_help="a block kind name (lower-case letters, digits, '_')", nonempty=True,
                           distinct=True)
     segment: str = _f("txt", choices=("txt", "img"))  # segment whose statistics score the heads and give the bases
     basis: str = _f("contrast", choices=("contrast", "unsafe"))  # contrast: top eigenvectors of G_u/n_u − w·G_s/n_s | unsafe: of G_u (the authors')
@@ -211,6 +215,9 @@ class TrainConfig(_Checked):
     threshold: float = _f(0.5, ge=0.0, lt=1.0)  # τ stored in the adapter and used while training
     double_segments: list[str] = _f(factory=lambda: ["txt"], **_SEGMENTS)  # generators of double blocks
     single_segments: list[str] = _f(factory=lambda: ["txt"], **_SEGMENTS)  # generators of single blocks
+    # generators per block kind, for any kind (wins over double/single_segments); a kind named in neither
+    # gets text generators if it sees text tokens (Z-Image: context_refiner and main)
+    segments: dict[str, list[str]] = _f(factory=dict, **_SEGMENTS)
     init_std: float = _f(float("nan"), ge=0.0, unset_nan=True)  # W ~ N(0, init_std²); NaN = auto (0 = identity; deviate needs > 0: 0.1)
     unlearn_sigmas: list[float] = _f(factory=lambda: [0.75, 1.0], **_SIGMA)  # [min, max] noise level
     preserve_sigmas: list[float] = _f(factory=lambda: [0.25, 1.0], **_SIGMA)
@@ -275,6 +282,8 @@ class RunConfig(_Checked):
 # Parsing and validation
 # ---------------------------------------------------------------------------------------------
 def _type_name(tp: Any) -> str:
+    if tp is str:
+        return "strings"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -287,9 +296,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise UsageError(f"config key {key!r}: expected a list of {_type_name(item)}, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if origin is dict:
+        _, item = typing.get_args(tp)
         if not isinstance(value, Mapping):
-            raise UsageError(f"config key {key!r}: expected a table of strings, got {value!r}")
-        return {str(k): _coerce(f"{key}.{k}", v, str) for k, v in value.items()}
+            raise UsageError(f"config key {key!r}: expected a table of {_type_name(item)}, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", v, item) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise UsageError(f"config key {key!r}: expected true or false, got {value!r}")
@@ -388,7 +398,7 @@ def validate(cfg: RunConfig) -> None:
                          f"{cfg.collect.segments} does not collect it")
     if "txt" not in cfg.collect.segments:
         raise UsageError("config key 'collect.segments' must include 'txt' (the bases come from text tokens)")
-    if not cfg.train.double_segments and not cfg.train.single_segments:
+    if not cfg.train.double_segments and not cfg.train.single_segments and not any(cfg.train.segments.values()):
         raise UsageError("config keys 'train.double_segments' and 'train.single_segments' are both empty")
     s = cfg.select
     if s.count == 0 and s.fraction == 0.0 and math.isnan(s.margin):

@@ -62,11 +62,12 @@ def applied(transformer, adapters: Sequence[SafeRoPEAdapter], strengths: Sequenc
             h.remove()
 
 
-def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
-                    height: int, width: int, max_len: int) -> list:
-    """PIL images for ``prompts[i]`` with noise seed ``seeds[i]`` (CPU generators: device-independent)."""
+def generate_images(info: ModelInfo, pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
+                    guidance: float, height: int, width: int, max_len: int) -> list:
+    """PIL images for ``prompts[i]`` with noise seed ``seeds[i]`` (CPU generators: device-independent), through
+    the family's own pipeline call (:meth:`trainer.families.base.Family.generate`)."""
+    from ..families.models import family_of
+
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    with torch.no_grad():
-        out = pipe(prompt=list(prompts), generator=gens, num_inference_steps=steps, guidance_scale=guidance,
-                   height=height, width=width, max_sequence_length=max_len, output_type="pil")
-    return list(out.images)
+    return family_of(info).generate(pipe, prompts, gens, steps=steps, guidance=guidance, height=height, width=width,
+                                    max_len=max_len)

@@ -41,7 +41,7 @@ from .objectives import NONE, OBJECTIVES, ROLES
 from ..core.config import RunConfig, diff_fingerprints, fingerprint, init_std, jsonable, rollout_grid
 from ..families.text import EmbeddingTable, TextBatch
 from ..core.errors import TrainerError, UsageError
-from ..families.flux1 import FluxCaller
+from ..families.base import Caller
 from ..core.progress import progress_bar
 from ..core.rundir import DamagedFileError, RunDir, atomic_write_json, check_manifest, commit_dir, write_manifest
 from ..core.runtime import Runtime
@@ -51,7 +51,7 @@ logger = logging.getLogger(__name__)
 #: Config keys that must not change when a training run is resumed.
 TRAIN_KEYS = COLLECT_KEYS + ["prompts.anchors", "select", "mixed_precision", "concepts"] + [
     f"train.{k}" for k in ("batch_size", "lr", "weight_decay", "unlearn", "preserve", "lambda_unlearn",
-                           "lambda_preserve", "threshold", "double_segments", "single_segments", "init_std",
+                           "lambda_preserve", "threshold", "double_segments", "single_segments", "segments", "init_std",
                            "unlearn_sigmas", "preserve_sigmas", "latents", "rollout_steps", "images")]
 
 #: Largest Frobenius norm ‖A‖_F = ‖W − Wᵀ‖_F of one head's generator that a run accepts (after
@@ -189,15 +189,33 @@ def initial_adapter(cfg: RunConfig, run: RunDir, selection: dict[tuple[str, int]
     """
     unsafe = GramAccumulator.load(run.stats_file("unsafe"))
     safe = GramAccumulator.load(run.stats_file("safe")) if cfg.select.basis == "contrast" else None
-    segs = {"double": cfg.train.double_segments, "single": cfg.train.single_segments}
-    heads = {key: hs for key, hs in selection.items() if segs[key[0]]}
+    segs = generator_segments(cfg, shapes)
+    heads = {key: hs for key, hs in selection.items() if segs.get(key[0])}
     if not heads:
         raise TrainerError("the selected heads lie only in block kinds without generator segments "
-                           f"(train.double_segments={segs['double']}, train.single_segments={segs['single']})")
+                           f"({', '.join(f'{k}: {v}' for k, v in segs.items())}; train.double_segments, "
+                           "train.single_segments, train.segments)")
     return assemble_adapter(unsafe, heads, rank=cfg.select.rank, blocks=shapes.blocks, arch=shapes.arch, segments=segs,
                             threshold=cfg.train.threshold, concepts=cfg.concepts, base_model=base_model,
                             basis_segment=cfg.select.segment, basis=cfg.select.basis, safe=safe,
                             contrast_weight=cfg.select.contrast_weight)
+
+
+def generator_segments(cfg: RunConfig, shapes) -> dict[str, list[str]]:
+    """The generator segments of each block kind of the model: ``train.segments[kind]``, else
+    ``train.double_segments`` / ``train.single_segments`` for those kinds, else text when the kind sees text;
+    always only segments the kind's tokens carry (:class:`saferope_engine.arch.Kind`)."""
+    from saferope_engine import arch
+
+    t = cfg.train
+    out = {}
+    for kind in arch.get(shapes.arch).kinds:
+        if kind.name not in shapes.blocks:
+            continue
+        named = {"double": t.double_segments, "single": t.single_segments}
+        wanted = t.segments.get(kind.name, named.get(kind.name, ["txt"]))
+        out[kind.name] = [seg for seg in wanted if seg in kind.segments]
+    return out
 
 
 def make_generators(adapter: SafeRoPEAdapter, std: float, seed: int, device) -> dict[str, torch.nn.Parameter]:
@@ -228,7 +246,7 @@ def generators_of(params: dict[str, torch.nn.Parameter]) -> dict[str, Tensor]:
 class Trainer:
     """One training run over a patched transformer."""
 
-    def __init__(self, cfg: RunConfig, run: RunDir, runtime: Runtime, transformer, caller: FluxCaller,
+    def __init__(self, cfg: RunConfig, run: RunDir, runtime: Runtime, transformer, caller: Caller,
                  adapter: SafeRoPEAdapter, data: TrainData, fp: dict[str, Any]) -> None:
         from saferope_engine.diffusers import apply_saferope
 

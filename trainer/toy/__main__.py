@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from . import TOY_MODEL_DIR
+    from .config import TOY_MODEL_DIR
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -14,6 +14,8 @@ from typing import Any
 from . import world
 
 RECIPE_FILE = "toy_recipe.json"
+#: The shipped toy FLUX pipeline folder (``FluxPipeline.from_pretrained(TOY_MODEL_DIR)``).
+TOY_MODEL_DIR: Path = Path(__file__).resolve().parent / "model"
 
 
 @dataclasses.dataclass(frozen=True)
