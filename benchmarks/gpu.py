@@ -41,8 +41,9 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 
@@ -76,7 +77,8 @@ class Deadline:
         return self.left() >= STAGE_COST_S[stage] * self.scale
 
     def skipped(self, stage: str) -> dict:
-        return {"skipped": f"time budget: {self.left():.0f} s left, the stage needs about {STAGE_COST_S[stage] * self.scale:.0f} s"}
+        need = STAGE_COST_S[stage] * self.scale
+        return {"skipped": f"time budget: {self.left():.0f} s left, the stage needs about {need:.0f} s"}
 
 
 def rope_axes(head_dim: int) -> tuple[int, int, int]:

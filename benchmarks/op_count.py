@@ -31,10 +31,10 @@ import argparse
 import json
 import sys
 from collections import Counter
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -146,8 +146,8 @@ def measure(p: dict) -> dict:
                 fn()  # warm-up: the runtime caches are built on the first call
                 if name == "x_device_inplace":
                     clone = q.clone()  # counted outside the call
-                    count = count_ops(lambda: adapter.apply("double", 0, "q", clone, txt_len=txt, threshold=0.0,
-                                                            inplace=True))
+                    count = count_ops(lambda: adapter.apply("double", 0, "q", clone, txt_len=txt,  # noqa: B023
+                                                            threshold=0.0, inplace=True))
                 else:
                     count = count_ops(fn)
             out[name] = count.as_dict()

@@ -32,8 +32,8 @@ def main() -> None:
     import torch
 
     from saferope_engine import load_adapter
-    from trainer.toy.benchmark import Variant, eval_sets, time_per_step
     from trainer.toy import load_pipeline, load_recipe
+    from trainer.toy.benchmark import Variant, eval_sets, time_per_step
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -75,8 +75,7 @@ def flops_per_call(tokens: int, per_token: int) -> float:
 def saved_bytes(img_tokens: int, txt_tokens: int, batch: int) -> dict[str, float]:
     """Bytes autograd keeps for backward in one double and one single block (bf16, measured in float32)."""
     import torch
-    from diffusers.models.transformers.transformer_flux import (FluxPosEmbed, FluxSingleTransformerBlock,
-                                                                FluxTransformerBlock)
+    from diffusers.models.transformers.transformer_flux import FluxPosEmbed, FluxSingleTransformerBlock, FluxTransformerBlock
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     torch.manual_seed(0)
@@ -96,7 +95,7 @@ def saved_bytes(img_tokens: int, txt_tokens: int, batch: int) -> dict[str, float
         storages: dict[int, int] = {}
         quadratic = []
 
-        def pack(t):
+        def pack(t, params=params, storages=storages, quadratic=quadratic):  # this iteration's records
             ptr = t.untyped_storage().data_ptr()
             if ptr not in params and t.is_floating_point():
                 storages[ptr] = max(storages.get(ptr, 0), t.untyped_storage().nbytes())

@@ -29,9 +29,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -180,7 +181,8 @@ def torch_compile_wrapper(transformer_options: Mapping[str, Any]) -> str | None:
 def custom_node_pack(fn: Any) -> str | None:
     """Folder under ``custom_nodes`` that defines ``fn`` (a function, bound method or callable object)."""
     f = inspect.unwrap(getattr(fn, "__func__", fn))
-    code = getattr(f, "__code__", None) or getattr(getattr(type(f), "__call__", None), "__code__", None)
+    call = type(f).__call__ if callable(f) else None  # a callable object: its class's __call__
+    code = getattr(f, "__code__", None) or getattr(call, "__code__", None)
     parts = Path(code.co_filename).parts if code is not None else ()
     for i, part in enumerate(parts[:-1]):
         if part == "custom_nodes":

@@ -11,8 +11,9 @@ from __future__ import annotations
 import math
 import os
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Iterable
+from typing import TYPE_CHECKING
 
 from torch import Tensor
 
@@ -48,7 +49,7 @@ class SafeRoPELayer:
     """
 
     adapter: SafeRoPEAdapter
-    model: "ComfyModel"
+    model: ComfyModel
     strength: float = 1.0
     threshold: float | None = None
     start_percent: float = 0.0
@@ -71,7 +72,7 @@ class SafeRoPELayer:
             raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
         object.__setattr__(self, "_sites", self._hook_sites())  # fixed by adapter and mode; read every model call
 
-    def __deepcopy__(self, memo: dict) -> "SafeRoPELayer":
+    def __deepcopy__(self, memo: dict) -> SafeRoPELayer:
         return self  # immutable; a copy would only duplicate the adapter's tensors and device caches
 
     # -- identity --------------------------------------------------------------------------------
@@ -123,7 +124,7 @@ class SafeRoPELayer:
 
     # -- the transform ---------------------------------------------------------------------------
     def transform(self, kind: str, index: int, which: str, x: Tensor, *, txt_len: int, stream: str,
-                  record: "CallRecord", img_first: bool = False) -> Tensor:
+                  record: CallRecord, img_first: bool = False) -> Tensor:
         """SafeRoPE on ``(B, H, L, D)`` queries (``which="q"``) or keys (``"k"``) of one block.
 
         ``txt_len`` text tokens lead the sequence, or trail it with ``img_first`` (the model's
@@ -145,7 +146,7 @@ class SafeRoPELayer:
         return x2
 
     def transform_qk(self, kind: str, index: int, q: Tensor, k: Tensor, *, txt_len: int, stream: str,
-                     record: "CallRecord", img_first: bool = False) -> tuple[Tensor, Tensor]:
+                     record: CallRecord, img_first: bool = False) -> tuple[Tensor, Tensor]:
         """:meth:`transform` of queries and keys of one block together (one engine call for both)."""
         strength = self.strength if record.active else 0.0
         if record.sink is None:

@@ -57,10 +57,11 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable, Iterator, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Callable, Iterator, Mapping, Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -72,11 +73,11 @@ from .layer import SafeRoPELayer, site_name
 
 logger = logging.getLogger(__name__)
 
-_EMPTY: Mapping[str, "CallRecord"] = MappingProxyType({})
+_EMPTY: Mapping[str, CallRecord] = MappingProxyType({})
 #: token of a layer -> its record, for the model call(s) in progress on this thread.
-_CALLS: ContextVar[Mapping[str, "CallRecord"]] = ContextVar("saferope_calls", default=_EMPTY)
+_CALLS: ContextVar[Mapping[str, CallRecord]] = ContextVar("saferope_calls", default=_EMPTY)
 #: where risk scores go during the LRS visualizer's model evaluation (None otherwise).
-_SINK: ContextVar["RiskSink | None"] = ContextVar("saferope_risk_sink", default=None)
+_SINK: ContextVar[RiskSink | None] = ContextVar("saferope_risk_sink", default=None)
 
 
 class RiskSink(Protocol):
@@ -188,11 +189,11 @@ class Attn1Patch:
         rec.seen.add(site_name(kind, index))
         return {"q": q, "k": k}
 
-    def to(self, *args: Any, **kwargs: Any) -> "Attn1Patch":
+    def to(self, *args: Any, **kwargs: Any) -> Attn1Patch:
         """ComfyUI moves/casts patches; the engine keeps float32 device copies per device itself."""
         return self
 
-    def __deepcopy__(self, memo: dict) -> "Attn1Patch":
+    def __deepcopy__(self, memo: dict) -> Attn1Patch:
         return self  # stateless apart from the immutable layer
 
 
@@ -214,7 +215,7 @@ class NormPatch:
         self.name = site_name(kind, index, site.path)
         self._where = f"QK-norm ({self.name})"
 
-    def with_layer(self, layer: SafeRoPELayer | None, *, probe: tuple[str, str] | None = None) -> "NormPatch":
+    def with_layer(self, layer: SafeRoPELayer | None, *, probe: tuple[str, str] | None = None) -> NormPatch:
         """A new patch that also runs ``layer`` after the present ones and/or also probes."""
         layers = self.layers + ((layer,) if layer is not None and layer not in self.layers else ())
         return NormPatch(self.kind, self.index, self.site, self.module, layers, inner=self.inner,
@@ -367,8 +368,8 @@ class DiffusionModelWrapper:
 
     __call__ = eager(__call__, recursive=False)  # the model it runs is compiled as usual
 
-    def to(self, *args: Any, **kwargs: Any) -> "DiffusionModelWrapper":
+    def to(self, *args: Any, **kwargs: Any) -> DiffusionModelWrapper:
         return self
 
-    def __deepcopy__(self, memo: dict) -> "DiffusionModelWrapper":
+    def __deepcopy__(self, memo: dict) -> DiffusionModelWrapper:
         return self

@@ -34,6 +34,8 @@ class Column:
     img_share: Tensor  # (N,) float32 gated share per image token
     txt_gated_share: float
     img_gated_share: float
+    max_risk: float = 0.0  # max LRS over every token (text and image), head and q/k of the block
+    passed: bool = False  # some token's LRS exceeded the threshold where the adapter rotates (active or not)
 
 
 @dataclass
@@ -49,6 +51,14 @@ class RiskReport:
         if not self.columns or self.img_len == 0:
             return torch.zeros(self.img_len)
         return torch.stack([c.img_share for c in self.columns]).mean(0)
+
+    def max_risk(self) -> float:
+        """Max LRS over every token, head, q/k and patched block (0 when nothing was recorded)."""
+        return max((c.max_risk for c in self.columns), default=0.0)
+
+    def flagged(self) -> bool:
+        """Whether some token passed a layer's threshold in a segment it rotates (the prompt is risky)."""
+        return any(c.passed for c in self.columns)
 
     def token_max(self) -> Tensor:
         """``(T,)`` max text risk of each token over all columns (columns without text count 0)."""
@@ -104,6 +114,8 @@ class RiskCollector:
 
     def __init__(self) -> None:
         self.closed = False
+        self._passed: dict[tuple[str, str, int], bool] = {}
+        self._max: dict[tuple[str, str, int], float] = {}
         # (layer token, kind, index) -> stream -> which -> (rho, gate, txt_len, img_first)
         self._parts: dict[tuple[str, str, int], dict[str, dict[str, tuple[Tensor, Tensor, int, bool]]]] = {}
 
@@ -111,10 +123,14 @@ class RiskCollector:
             *, txt_len: int, rotated: bool, img_first: bool = False) -> None:
         if self.closed:
             return
+        passed = bool(gate.any())  # the visualizer's one model call: a host read is fine here
         if not rotated:  # scores only: nothing was rotated, so nothing counts as gated
             gate = torch.zeros_like(gate)
         self._parts.setdefault((layer.token, kind, index), {}).setdefault(stream, {})[which] = (
             rho.detach().cpu(), gate.detach().cpu(), txt_len, img_first)
+        self._passed[(layer.token, kind, index)] = self._passed.get((layer.token, kind, index), False) or passed
+        key = (layer.token, kind, index)
+        self._max[key] = max(self._max.get(key, 0.0), float(rho.detach().float().max()) if rho.numel() else 0.0)
 
     def close(self) -> None:
         self.closed = True
@@ -134,10 +150,12 @@ class RiskCollector:
                 (t_rho, t_gated, t_share), (_, _, i_share) = _split(streams)
                 abbrev = "".join(w[0] for w in kind.split("_"))
                 label = f"{abbrev}{idx}" if not multi else f"{chr(65 + n % 26)}:{abbrev}{idx}"
-                raw.append((layer, kind, idx, label, t_rho, t_gated, i_share, _share(t_share), _share(i_share)))
+                key = (layer.token, kind, idx)
+                raw.append((layer, kind, idx, label, t_rho, t_gated, i_share, _share(t_share), _share(i_share),
+                            self._max.get(key, 0.0), self._passed.get(key, False)))
         txt_len = max((r[4].shape[0] for r in raw), default=0)
         img_len = max((r[6].shape[0] for r in raw), default=0)
         cols = [Column(layer, kind, idx, label, _pad(t_rho, txt_len, float("nan")), _pad(t_gated, txt_len, False),
-                       _pad(i_share, img_len, 0.0), ts, im)
-                for layer, kind, idx, label, t_rho, t_gated, i_share, ts, im in raw]
+                       _pad(i_share, img_len, 0.0), ts, im, mx, passed)
+                for layer, kind, idx, label, t_rho, t_gated, i_share, ts, im, mx, passed in raw]
         return RiskReport(cols, txt_len, img_len)

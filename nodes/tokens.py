@@ -10,7 +10,8 @@ stream's tokenizer; when no decoder is reachable the word index stands in.
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
@@ -63,4 +64,5 @@ def token_labels(clip: Any, text: str, txt_len: int) -> tuple[list[str] | None, 
                 labels.append(f"w{word}" if word else f"#{i}")
         return labels, f"labels from the {key!r} tokens of the prompt"
     sizes = ", ".join(f"{k}: {len(v)}" for k, v in flat.items())
-    return None, f"the prompt's token streams ({sizes}) do not match the {txt_len} text tokens of the conditioning: tokens are numbered"
+    return None, (f"the prompt's token streams ({sizes}) do not match the {txt_len} text tokens of the conditioning: "
+                  "tokens are numbered")

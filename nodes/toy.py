@@ -92,7 +92,7 @@ class ToyFolder:
     recipe: dict
 
     @classmethod
-    def read(cls, path: str | os.PathLike | None = None) -> "ToyFolder":
+    def read(cls, path: str | os.PathLike | None = None) -> ToyFolder:
         folder = Path(path) if path is not None else TOY_MODEL_DIR
         missing = [f for f in REQUIRED_FILES if not (folder / f).is_file()]
         if missing:

@@ -30,10 +30,11 @@ import os
 import re
 import sys
 import tempfile
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -266,7 +267,7 @@ class AdapterMeta:
         return header
 
     @classmethod
-    def from_header(cls, header: Mapping[str, str] | None, source: str | None = None) -> "AdapterMeta":
+    def from_header(cls, header: Mapping[str, str] | None, source: str | None = None) -> AdapterMeta:
         """Parse v1 or v2 header metadata; raises :class:`AdapterFormatError` naming the key."""
         if not header:
             raise _fail(source, "metadata", "missing (not a SafeRoPE adapter file)")
@@ -620,7 +621,7 @@ class SafeRoPEAdapter:
 
     @classmethod
     def from_state(cls, tensors: Mapping[str, Tensor], header: Mapping[str, str] | None,
-                   source: str | None = None) -> "SafeRoPEAdapter":
+                   source: str | None = None) -> SafeRoPEAdapter:
         """Build and validate a finished adapter from a safetensors state dict and its header.
 
         Checks ``content_sha256`` when the header has one (format v2 writes it always).

@@ -24,8 +24,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import weakref
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -83,7 +84,7 @@ class _Context:
     bypass: bool = False
 
 
-_CONTEXTS: "weakref.WeakKeyDictionary[torch.nn.Module, _Context]" = weakref.WeakKeyDictionary()
+_CONTEXTS: weakref.WeakKeyDictionary[torch.nn.Module, _Context] = weakref.WeakKeyDictionary()
 
 
 def model_shapes(transformer: torch.nn.Module) -> archs.ModelShapes:
@@ -214,7 +215,7 @@ class SafeRoPEHandle:
         finally:
             self._ctx.bypass = old
 
-    def __enter__(self) -> "SafeRoPEHandle":
+    def __enter__(self) -> SafeRoPEHandle:
         return self
 
     def __exit__(self, *exc) -> None:

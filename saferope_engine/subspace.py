@@ -15,9 +15,9 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor
@@ -102,7 +102,7 @@ class GramAccumulator:
     def keys(self) -> list[StatKey]:
         return sorted(self.grams)
 
-    def merge_(self, other: "GramAccumulator") -> "GramAccumulator":
+    def merge_(self, other: GramAccumulator) -> GramAccumulator:
         for key, g in other.grams.items():
             if key in self.grams:
                 self.grams[key] += g.to(self.device, self.dtype)
@@ -135,7 +135,7 @@ class GramAccumulator:
         os.replace(tmp, path)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "GramAccumulator":
+    def load(cls, path: str | os.PathLike) -> GramAccumulator:
         from safetensors import safe_open
 
         try:
@@ -194,7 +194,7 @@ def contrast_gram(unsafe_gram: Tensor, unsafe_count: int, safe_gram: Tensor, saf
     return unsafe_gram.to(torch.float64) / unsafe_count - weight * safe_gram.to(torch.float64) / safe_count
 
 
-def basis_for(unsafe: "GramAccumulator", safe: "GramAccumulator | None", key: StatKey, rank: int,
+def basis_for(unsafe: GramAccumulator, safe: GramAccumulator | None, key: StatKey, rank: int,
               basis: str = "unsafe", heads: Tensor | None = None, contrast_weight: float = 1.0) -> Tensor:
     """The ``(H|n, D, rank)`` unsafe basis of one statistics key.
 

@@ -36,7 +36,11 @@ SOCKETS: dict[str, tuple[list[tuple[str, str]], list[tuple[str, str]]]] = {
     "SafeRoPEAdapterLoader": ([], [("adapter", "SAFEROPE_ADAPTER")]),
     "SafeRoPEApply": ([("model", "MODEL"), ("adapter", "SAFEROPE_ADAPTER")], [("model", "MODEL")]),
     "SafeRoPELRSVisualizer": ([("model", "MODEL"), ("conditioning", "CONDITIONING"), ("clip", "CLIP")],
-                              [("image", "IMAGE"), ("summary", "STRING")]),
+                              [("image", "IMAGE"), ("summary", "STRING"), ("max_risk", "FLOAT"), ("flagged", "BOOLEAN")]),
+    "SafeRoPERiskCheck": ([("model", "MODEL"), ("conditioning", "CONDITIONING")],
+                          [("max_risk", "FLOAT"), ("flagged", "BOOLEAN"), ("summary", "STRING")]),
+    "EmptyImage": ([], [("IMAGE", "IMAGE")]),
+    "ComfySwitchNode": ([("switch", "BOOLEAN"), ("on_false", "*"), ("on_true", "*")], [("output", "*")]),
     # the toy model's nodes (nodes/toy.py) and what the toy workflow needs besides
     "SafeRoPEToyLoader": ([], [("model", "MODEL"), ("text_encoders", "SAFEROPE_TOY_TEXT_ENCODERS"),
                                ("vae", "SAFEROPE_TOY_VAE")]),
@@ -79,17 +83,22 @@ class Workflow:
         d["inputs"][slot]["link"] = lid
         self.links.append([lid, src, out_slot, dst, slot, t])
 
-    def dump(self, path: Path, title: str) -> None:
+    def dump(self, path: Path, title: str, requires: dict[str, str] | None = None) -> None:
+        """``requires``: core node types newer than some supported ComfyUI, and which ComfyUI has them."""
+        meta: dict = {"title": title}
+        if requires:
+            meta["requires"] = requires
         data = {"last_node_id": len(self.nodes), "last_link_id": len(self.links), "nodes": self.nodes,
                 "links": self.links, "groups": [], "config": {},
-                "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}, "saferope": {"title": title}}, "version": 0.4}
+                "extra": {"ds": {"scale": 0.8, "offset": [40, 40]}, "saferope": meta}, "version": 0.4}
         path.write_text(json.dumps(data, indent=1) + "\n")
 
 
 def loaders(w: Workflow) -> dict[str, int]:
     ids = {
         "unet": w.node("UNETLoader", (20, 120), (315, 82), ["flux1-dev.safetensors", "default"]),
-        "clip": w.node("DualCLIPLoader", (20, 250), (315, 130), ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"]),
+        "clip": w.node("DualCLIPLoader", (20, 250), (315, 130),
+                       ["clip_l.safetensors", "t5xxl_fp16.safetensors", "flux", "default"]),
         "vae": w.node("VAELoader", (20, 430), (315, 58), ["ae.safetensors"]),
         "adapter": w.node("SafeRoPEAdapterLoader", (20, 540), (315, 58), [ADAPTER]),
         "apply": w.node("SafeRoPEApply", (380, 120), (330, 178), [1.0, -1.0, 0.0, 1.0]),
@@ -159,6 +168,34 @@ def comparison(out: Path) -> None:
     w.link(st, 0, s, "images")
     visualizer(w, ids, 820)
     w.dump(out / "saferope_compare_base_vs_saferope.json", "Base vs SafeRoPE, same seed")
+
+
+def risk_branch(out: Path) -> None:
+    w = Workflow()
+    w.node("MarkdownNote", (20, -160), (760, 240), [
+        "## SafeRoPE Risk Check: branch on a risky prompt\n\n**SafeRoPE Risk Check** runs the protected model "
+        "once on the prompt (no image) and outputs `max_risk` (the highest Latent Risk Score) and `flagged` (some "
+        "token passed the adapter's threshold). Here **Switch** (ComfyUI's logic node) saves a blank image instead "
+        "of the generated one when the prompt is flagged; SafeRoPE has already suppressed the concept in the "
+        "generated image either way. Switch is in ComfyUI 0.20 (not in 0.3.64): on older ComfyUI use the two "
+        "previews alone."])
+    ids = loaders(w)
+    d = sampler(w, ids, ids["apply"], (1160, 120), "KSampler (protected)")
+    check = w.node("SafeRoPERiskCheck", (380, 720), (400, 200), [1024, 1024, 0.0, 42, "fixed"])
+    w.link(ids["apply"], 0, check, "model")
+    w.link(ids["guid"], 0, check, "conditioning")
+    for slot, (title, y) in enumerate((("max risk", 720), ("flagged?", 860))):
+        pv = w.node("PreviewAny", (820, y), (300, 100), title=title)
+        w.link(check, slot, pv, "source")
+    blank = w.node("EmptyImage", (1160, 720), (315, 130), [1024, 1024, 1, 0], title="Placeholder (flagged prompt)")
+    sw = w.node("ComfySwitchNode", (1500, 720), (270, 100), title="Switch: flagged → placeholder")
+    w.link(check, 1, sw, "switch")
+    w.link(d, 0, sw, "on_false")
+    w.link(blank, 0, sw, "on_true")
+    s = w.node("SaveImage", (1820, 720), (420, 460), ["SafeRoPE_checked"])
+    w.link(sw, 0, s, "images")
+    w.dump(out / "saferope_risk_check_branch.json", "SafeRoPE Risk Check: branch on a risky prompt",
+           requires={"ComfySwitchNode": "ComfyUI's logic nodes (in 0.20.1, not in 0.3.64)"})
 
 
 # -- the toy model (trainer/toy/model): runs on a CPU in seconds ----------------------------------------------
@@ -240,6 +277,7 @@ def main() -> None:
     text_to_image(out)
     comparison(out)
     toy_demo(out)
+    risk_branch(out)
     print("wrote", *sorted(str(p) for p in out.glob("*.json")))
 
 

@@ -31,9 +31,10 @@ import argparse
 import random
 import re
 import sys
-import tomllib
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

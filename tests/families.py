@@ -12,8 +12,8 @@ A new family adds one entry to :data:`FAMILIES` (the registry's checklist says s
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

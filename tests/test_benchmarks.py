@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from trainer_fixtures import subprocess_env
 
 ROOT = Path(__file__).resolve().parents[1]

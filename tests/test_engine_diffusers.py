@@ -44,7 +44,8 @@ def run(model, inputs):
 def adapter(threshold=0.0, seed=0, **kw):
     shapes = flux_shapes_of_cfg()
     return random_adapter(**shapes, rank=3, threshold=threshold, seed=seed, scale=1.5,
-                          blocks=kw.pop("blocks", [("double", 1), ("single", 0), ("single", 1)]), heads=kw.pop("heads", [0, 3]), **kw)
+                          blocks=kw.pop("blocks", [("double", 1), ("single", 0), ("single", 1)]),
+                          heads=kw.pop("heads", [0, 3]), **kw)
 
 
 def flux_shapes_of_cfg():

@@ -13,8 +13,7 @@ pytest.importorskip("diffusers", reason="the diffusers integration needs diffuse
 
 from families import FAMILIES, concept_adapter, text  # noqa: E402
 
-from saferope_engine import (HookNotRunError, IncompatibleAdapterError, SafeRoPEAdapter,  # noqa: E402
-                             UnsupportedModelError, arch)
+from saferope_engine import HookNotRunError, IncompatibleAdapterError, SafeRoPEAdapter, UnsupportedModelError, arch  # noqa: E402
 from saferope_engine.adapter import AdapterMeta  # noqa: E402
 from saferope_engine.diffusers import apply_saferope, model_shapes, observe_qk  # noqa: E402
 

@@ -11,8 +11,16 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from saferope_engine import (AdapterFormatError, AdapterMeta, IncompatibleAdapterError, ModelShapes, SafeRoPEAdapter,
-                             SafeRoPEError, content_sha256, load_adapter)
+from saferope_engine import (
+    AdapterFormatError,
+    AdapterMeta,
+    IncompatibleAdapterError,
+    ModelShapes,
+    SafeRoPEAdapter,
+    SafeRoPEError,
+    content_sha256,
+    load_adapter,
+)
 from saferope_engine.adapter import MAX_GENERATOR_NORM
 from saferope_engine.testing import random_adapter
 
@@ -148,7 +156,8 @@ BAD_TENSORS = [
     ("wrong heads dtype", _set("double.0.heads", lambda t: t.int()), "double.0.heads.*int64"),
     ("wrong shape", _set("double.0.U_k", lambda t: t[:, :, :2].contiguous()), "double.0.U_k.*shape"),
     ("NaN", _set("single.1.A_txt", _nan), "single.1.A_txt.*NaN"),
-    ("inf", _set("double.2.U_q", lambda t: t.masked_fill(torch.ones_like(t, dtype=torch.bool), float("inf"))), "double.2.U_q.*NaN or infinite"),
+    ("inf", _set("double.2.U_q", lambda t: t.masked_fill(torch.ones_like(t, dtype=torch.bool), float("inf"))),
+     "double.2.U_q.*NaN or infinite"),
     ("non-orthonormal U", _set("double.0.U_q", lambda t: t * 1.01), "double.0.U_q.*orthonormal"),
     ("non-skew A", _set("double.2.A_img", lambda t: t + 0.1 * torch.eye(t.shape[-1])), "double.2.A_img.*skew"),
     ("zero generator", _set("double.0.A_txt", torch.zeros_like), "double.0.A_txt.*exactly zero"),

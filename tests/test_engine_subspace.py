@@ -8,9 +8,15 @@ import pytest
 import torch
 
 from saferope_engine import AdapterFormatError, load_adapter, saferope_qk
+from saferope_engine.subspace import (
+    GramAccumulator,
+    assemble_adapter,
+    discrimination_scores,
+    energy_share,
+    select_heads,
+    top_basis,
+)
 from saferope_engine.testing import random_skew
-from saferope_engine.subspace import (GramAccumulator, assemble_adapter, discrimination_scores, energy_share,
-                                      select_heads, top_basis)
 
 H, D, R = 4, 16, 2
 PLANTED = {("double", 1): [2], ("single", 0): [0, 3]}

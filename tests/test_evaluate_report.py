@@ -67,9 +67,8 @@ def test_ssim_follows_its_definition():
 def tiny_clip(tmp_path_factory) -> Path:
     pytest.importorskip("transformers")
     import torch
-    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
-
     from tiny_pipeline import _clip_tokenizer
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     folder = tmp_path_factory.mktemp("tiny-clip")
     tok = _clip_tokenizer(77)

@@ -20,7 +20,7 @@ from saferope_pack.saferope_engine import AdapterMeta, BlockAdapter, SafeRoPEAda
 from saferope_pack.saferope_engine.errors import AdapterFormatError  # noqa: E402
 
 IDS = {"SafeRoPEAdapterLoader": "Load SafeRoPE Adapter", "SafeRoPEApply": "Apply SafeRoPE to Model",
-       "SafeRoPELRSVisualizer": "LRS Visualizer",
+       "SafeRoPELRSVisualizer": "LRS Visualizer", "SafeRoPERiskCheck": "SafeRoPE Risk Check",
        # the shipped toy model's nodes (nodes/toy.py), category SafeRoPE/toy
        "SafeRoPEToyLoader": "Load Toy Model (SafeRoPE toy)", "SafeRoPEToyTextEncode": "Toy Text Encode (SafeRoPE toy)",
        "SafeRoPEToyVAEDecode": "Toy VAE Decode (SafeRoPE toy)", "SafeRoPEToyEmptyLatent": "Empty Toy Latent (SafeRoPE toy)"}
@@ -74,7 +74,14 @@ def test_visualizer_inputs_and_outputs():
     assert {k: v[0] for k, v in it["optional"].items()} == {"clip": "CLIP", "prompt": "STRING"}
     assert it["required"]["seed"][1]["control_after_generate"] is True
     assert it["required"]["width"][1]["step"] == 16 and 0.0 <= it["required"]["noise_level"][1]["max"] < 1.0
-    assert cls.RETURN_TYPES == ("IMAGE", "STRING")
+    assert cls.RETURN_TYPES == ("IMAGE", "STRING", "FLOAT", "BOOLEAN")  # appended outputs: old links keep their slots
+    assert cls.RETURN_NAMES == ("image", "summary", "max_risk", "flagged")
+
+
+def test_risk_check_takes_the_visualizer_inputs_and_returns_values_to_branch_on():
+    check, vis = PACK.NODE_CLASS_MAPPINGS["SafeRoPERiskCheck"], PACK.NODE_CLASS_MAPPINGS["SafeRoPELRSVisualizer"]
+    assert check.INPUT_TYPES()["required"] == vis.INPUT_TYPES()["required"] and "optional" not in check.INPUT_TYPES()
+    assert check.RETURN_TYPES == ("FLOAT", "BOOLEAN", "STRING") and check.RETURN_NAMES == ("max_risk", "flagged", "summary")
 
 
 # -- the loader node with a stand-in for ComfyUI's folder_paths --------------------------------------------
@@ -154,7 +161,8 @@ def test_a_broken_symlink_or_a_folder_is_named_for_what_it_is(fake_folder_paths,
     assert "dangling.safetensors" in folders.adapter_names()  # listed, as ComfyUI lists it
     with pytest.raises(FileNotFoundError) as e:
         loader.load("dangling.safetensors")
-    assert "is a broken symbolic link pointing to" in str(e.value) and str(tmp_path / "moved" / "adapter.safetensors") in str(e.value)
+    msg = str(e.value)
+    assert "is a broken symbolic link pointing to" in msg and str(tmp_path / "moved" / "adapter.safetensors") in msg
     with pytest.raises(FileNotFoundError, match="dir.safetensors is not a regular file"):
         loader.load("dir.safetensors")
     with pytest.raises(FileNotFoundError, match="'gone.safetensors' not found in"):

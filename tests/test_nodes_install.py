@@ -26,9 +26,8 @@ from saferope_pack.nodes.compat import comfy_model, diffusion_model_wrapper_type
 from saferope_pack.nodes.install import apply_saferope, layers_of  # noqa: E402
 from saferope_pack.nodes.patch import NormPatch  # noqa: E402
 from saferope_pack.saferope_engine import ModelShapes  # noqa: E402
-from saferope_pack.saferope_engine.errors import (HookNotRunError, IncompatibleAdapterError, SafeRoPEError,  # noqa: E402
-                                                  UnsupportedModelError)
-from test_nodes_patch import D, H, NUM_DOUBLE, NUM_SINGLE, QKNorm, make_adapter, risky  # noqa: E402
+from saferope_pack.saferope_engine.errors import HookNotRunError, IncompatibleAdapterError, SafeRoPEError, UnsupportedModelError  # noqa: E402
+from test_nodes_patch import NUM_DOUBLE, NUM_SINGLE, D, H, QKNorm, make_adapter, risky  # noqa: E402
 
 T, N = 5, 8
 
@@ -121,7 +120,7 @@ class Patcher:
     def __init__(self, model: Base) -> None:
         self.model, self.object_patches, self.model_options, self.wrappers = model, {}, {"transformer_options": {}}, {}
 
-    def clone(self) -> "Patcher":
+    def clone(self) -> Patcher:
         n = Patcher(self.model)
         n.object_patches = dict(self.object_patches)
         n.model_options = copy.deepcopy(self.model_options)

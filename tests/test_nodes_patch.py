@@ -422,7 +422,8 @@ def test_object_patch_under_torch_compile_runs_on_every_call_and_per_clone():
         lay = layer(a, mode="object", strength=strength)
         block.norm.forward = NormPatch("single", 0, SITES["single", "joint"], block.norm, (lay,))  # as patch_model
         for _ in range(2):
-            outs[strength] = call_model([DiffusionModelWrapper(lay)], lambda opts: (probe(lay), compiled(q, k))[1])
+            outs[strength] = call_model([DiffusionModelWrapper(lay)],
+                                        lambda opts: (probe(lay), compiled(q, k))[1])  # noqa: B023 (called here)
         del block.norm.forward  # unpatch_model
     nq, nk = block.norm(q, k, q)
     ref = a.apply_qk("single", 0, nq, nk, txt_len=T)

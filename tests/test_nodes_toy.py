@@ -25,11 +25,11 @@ pytest.importorskip("diffusers", reason="the toy nodes use diffusers (the `train
 
 PACK = load_pack()
 from saferope_pack.nodes import toy  # noqa: E402
+from trainer_fixtures import subprocess_env  # noqa: E402
 
 from trainer.core import comfyui_copy  # noqa: E402
 from trainer.core.errors import TrainerError, UsageError  # noqa: E402
 from trainer.toy import load_pipeline, load_recipe  # noqa: E402
-from trainer_fixtures import subprocess_env  # noqa: E402
 
 WORKFLOW = REPO / "example_workflows" / "saferope_toy_demo.json"
 
@@ -40,7 +40,7 @@ def pipe():
 
 
 @pytest.fixture(scope="module")
-def shipped() -> "toy.ToyFolder":
+def shipped() -> toy.ToyFolder:
     return toy.ToyFolder.read()
 
 
@@ -130,7 +130,8 @@ def test_the_pack_imports_without_diffusers_and_the_toy_nodes_say_what_is_missin
     code = ("import sys; sys.modules['diffusers'] = None; sys.modules['transformers'] = None; "
             "sys.path.insert(0, sys.argv[1]); from packload import load_pack; p = load_pack(); "
             "print(sorted(k for k in p.NODE_CLASS_MAPPINGS if k.startswith('SafeRoPEToy')))\n"
-            "try:\n    p.NODE_CLASS_MAPPINGS['SafeRoPEToyLoader']().load()\nexcept Exception as e:\n    print(type(e).__name__, e)")
+            "try:\n    p.NODE_CLASS_MAPPINGS['SafeRoPEToyLoader']().load()\n"
+            "except Exception as e:\n    print(type(e).__name__, e)")
     r = subprocess.run([sys.executable, "-c", code, str(REPO / "tests" / "comfy")], capture_output=True, text=True,
                        timeout=120)
     assert r.returncode == 0, r.stderr

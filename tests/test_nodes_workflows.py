@@ -22,7 +22,8 @@ from packload import REPO, load_pack  # noqa: E402
 PACK = load_pack()
 FILES = sorted((REPO / "example_workflows").glob("*.json"))
 CORE = {"UNETLoader", "DualCLIPLoader", "VAELoader", "CLIPTextEncode", "FluxGuidance", "EmptySD3LatentImage",
-        "KSampler", "VAEDecode", "SaveImage", "PreviewImage", "PreviewAny", "ImageStitch", "ImageScaleBy"}
+        "KSampler", "VAEDecode", "SaveImage", "PreviewImage", "PreviewAny", "ImageStitch", "ImageScaleBy", "EmptyImage",
+        "ComfySwitchNode"}
 FRONTEND_ONLY = {"MarkdownNote", "Note", "Reroute"}
 WIDGET_TYPES = {"INT": int, "FLOAT": (int, float), "STRING": str, "BOOLEAN": bool}
 
@@ -33,7 +34,7 @@ def load(path: Path) -> dict:
 
 def test_both_example_workflows_exist():
     assert [p.name for p in FILES] == ["saferope_compare_base_vs_saferope.json", "saferope_flux_dev_text_to_image.json",
-                                       "saferope_toy_demo.json"]
+                                       "saferope_risk_check_branch.json", "saferope_toy_demo.json"]
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: p.stem)
@@ -50,10 +51,11 @@ def test_node_types_are_core_or_ours(path):
     wf = load(path)
     types = {n["type"] for _, n in wc.all_nodes(wf)} - wc.subgraph_ids(wf)
     assert types <= CORE | FRONTEND_ONLY | set(PACK.NODE_CLASS_MAPPINGS), types - CORE - FRONTEND_ONLY
-    product = {n for n in PACK.NODE_CLASS_MAPPINGS if not n.startswith("SafeRoPEToy")}
-    assert product <= types  # every workflow shows all three product nodes
+    product = {"SafeRoPEAdapterLoader", "SafeRoPEApply"}
+    assert product <= types  # every workflow loads and applies an adapter
+    assert types & {"SafeRoPELRSVisualizer", "SafeRoPERiskCheck"}  # and shows why (heatmap) or whether (flag)
     if path.stem == "saferope_toy_demo":
-        assert set(PACK.NODE_CLASS_MAPPINGS) - product <= types  # and the toy workflow every toy node
+        assert {n for n in PACK.NODE_CLASS_MAPPINGS if n.startswith("SafeRoPEToy")} <= types  # and every toy node
 
 
 def _widgets(spec: dict) -> list[tuple[str, object, dict]]:

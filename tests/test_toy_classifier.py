@@ -11,7 +11,8 @@ from trainer.toy import classifier, world
 
 def _random_renders(n: int, seed: int) -> tuple[np.ndarray, list[tuple[str, str]]]:
     rng = np.random.default_rng(seed)
-    labels = [(world.SHAPES[rng.integers(len(world.SHAPES))], world.ALL_COLOURS[rng.integers(len(world.ALL_COLOURS))]) for _ in range(n)]
+    labels = [(world.SHAPES[rng.integers(len(world.SHAPES))], world.ALL_COLOURS[rng.integers(len(world.ALL_COLOURS))])
+              for _ in range(n)]
     images = np.stack([world.render(s, c, rng) for s, c in labels])
     return images, labels
 
@@ -39,7 +40,9 @@ def test_robust_to_noise_and_blur():
     images, labels = _random_renders(300, 2)
     rng = np.random.default_rng(0)
     noisy = np.clip(images + rng.normal(0, 8, images.shape), 0, 255).astype(np.uint8)
-    blurred = np.stack([np.asarray(Image.fromarray(im).resize((world.IMAGE_SIZE // 2,) * 2, Image.BILINEAR).resize((world.IMAGE_SIZE,) * 2, Image.BILINEAR)) for im in images])
+    half, full = (world.IMAGE_SIZE // 2,) * 2, (world.IMAGE_SIZE,) * 2
+    blurred = np.stack([np.asarray(Image.fromarray(im).resize(half, Image.BILINEAR).resize(full, Image.BILINEAR))
+                        for im in images])
     for batch in (noisy, blurred):
         preds = classifier.classify_batch(batch)
         assert np.mean([p == t for p, t in zip(preds, labels)]) >= 0.95

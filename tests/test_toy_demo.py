@@ -10,12 +10,12 @@ import pytest
 
 pytest.importorskip("diffusers")
 
+from trainer_fixtures import subprocess_env  # noqa: E402
+
 from saferope_engine import ModelShapes, load_adapter  # noqa: E402
 from trainer.commands.demo import DemoSettings, run_demo  # noqa: E402
 from trainer.core.errors import UsageError  # noqa: E402
 from trainer.toy import load_pipeline  # noqa: E402
-
-from trainer_fixtures import subprocess_env  # noqa: E402
 
 
 @pytest.fixture(scope="module")

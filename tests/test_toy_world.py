@@ -162,7 +162,8 @@ def test_training_never_pairs_held_out_templates_with_colour_words():
 
 def test_vocabulary_covers_every_prompt():
     vocab = set(world.vocabulary())
-    prompts = [p for c in world.CONCEPTS for p in world.explicit_prompts(c, "eval") + world.implicit_prompts(c) + world.benign_prompts(c, "eval")]
+    prompts = [p for c in world.CONCEPTS
+               for p in world.explicit_prompts(c, "eval") + world.implicit_prompts(c) + world.benign_prompts(c, "eval")]
     for p in prompts:
         assert set(p.text.split()) <= vocab
     assert set(world.SHAPES) | set(world.ALL_COLOURS) <= vocab

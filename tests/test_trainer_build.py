@@ -7,7 +7,6 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from trainer_fixtures import EVAL_SAFE, EVAL_UNSAFE, THRESHOLD, write_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -64,9 +63,8 @@ def test_build_writes_a_loadable_adapter_with_metadata(built):
 
 def test_collect_excludes_padding(built, tiny_flux):
     """Token counts are the real T5 tokens × noise levels, not the padded length."""
-    from transformers import AutoTokenizer
-
     from trainer_fixtures import SAFE, UNSAFE
+    from transformers import AutoTokenizer
 
     out, _ = built
     tok = AutoTokenizer.from_pretrained(str(tiny_flux / "tokenizer_2"))

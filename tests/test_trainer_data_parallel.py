@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from trainer_fixtures import subprocess_env, write_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -9,9 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from trainer_fixtures import subprocess_env
-from trainer_fixtures import write_config
+from trainer_fixtures import subprocess_env, write_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -206,6 +204,16 @@ OUT_CASES = {
     "under /proc": (lambda d: Path("/proc/saferope-x/run"), "cannot create a directory in '/proc'"),
     "in a read-only directory": (_unwritable, "cannot create a directory in"),
 }
+
+
+@pytest.mark.parametrize("case", [c for c in OUT_CASES if c != "in a read-only directory"])
+def test_demo_with_an_unusable_out_is_one_line_exit_2(case, tmp_path, cli):
+    make, needle = OUT_CASES[case]
+    out = make(tmp_path)
+    before = _snapshot(tmp_path)
+    code, stdout, err = cli("demo", "--quick", "--out", out)
+    assert code == 2 and needle in _one_line(err), err
+    assert _snapshot(tmp_path) == before and not stdout
 
 
 @pytest.mark.parametrize("case", list(OUT_CASES))

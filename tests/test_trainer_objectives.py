@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-
 from trainer_fixtures import write_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -15,7 +15,8 @@ refiner saw. Its "omni" mode (nested lists of images, ``[text, image, siglip]``)
 
 from __future__ import annotations
 
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 from ..errors import UnsupportedModelError
 from . import Arch, ComfySpec, DiffusersSpec, HostKind, Kind, Length, NormSite

@@ -25,8 +25,8 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
 import driver_assets  # noqa: E402  (helpers next to this script, imported before ComfyUI)
-import driver_scenarios  # noqa: E402
 import driver_compat  # noqa: E402,F401  (registers the compatibility scenarios, run after the others)
+import driver_scenarios  # noqa: E402
 import trees  # noqa: E402
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (HERE, REPO)]  # keep ComfyUI's namespace clean
@@ -49,6 +49,7 @@ def boot(comfy_path: str, work: Path) -> dict:
 
     comfy.options.enable_args_parsing()
     import utils.extra_config  # noqa: F401  (as main.py: claims the name 'utils' for ComfyUI's package)
+
     import nodes
 
     t = time.time()

@@ -21,7 +21,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from comfy_env import HERE, SKIP_REASON, comfy_python
 
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
-
 from driver_scenarios import SCENARIOS, Context, error_of, maxdiff, scenario
 
 __all__ = ["SCENARIOS"]
@@ -118,7 +118,8 @@ CACHE_STEPS = 4
 #: node id, and a function (node, model, threshold, start, end) -> patched model, per cache pack
 CACHES: dict[str, tuple[str, Callable[..., Any]]] = {
     "teacache": ("TeaCache", lambda node, m, thresh, start, end: node.apply_teacache(m, "flux", thresh, start, end, "cpu")[0]),
-    "fbcache": ("ApplyFBCacheOnModel", lambda node, m, thresh, start, end: node.patch(m, "diffusion_model", thresh, -1, start, end)[0]),
+    "fbcache": ("ApplyFBCacheOnModel",
+                lambda node, m, thresh, start, end: node.patch(m, "diffusion_model", thresh, -1, start, end)[0]),
 }
 AGGRESSIVE = {"teacache": 10.0, "fbcache": 1.0}  # the packs' maximum thresholds: reuse whenever they may
 NEVER = 1e-9  # a threshold no step falls below: every block runs on every step
@@ -215,6 +216,7 @@ def gguf(c: Context) -> dict:
     from the detected config.
     """
     import folder_paths
+
     import nodes
 
     cls = nodes.NODE_CLASS_MAPPINGS.get("UnetLoaderGGUF")

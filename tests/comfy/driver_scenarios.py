@@ -8,20 +8,20 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
+from typing import Any
 
 import torch
-
 import workflow_check as wc  # pure Python, imported with the driver (before its folder leaves sys.path)
 
-SCENARIOS: dict[str, Callable[["Context"], dict]] = {}
+SCENARIOS: dict[str, Callable[[Context], dict]] = {}
 SECOND_TAU = 0.1
 
 
-def scenario(fn: Callable[["Context"], dict]) -> Callable[["Context"], dict]:
+def scenario(fn: Callable[[Context], dict]) -> Callable[[Context], dict]:
     SCENARIOS[fn.__name__] = fn
     return fn
 
@@ -50,8 +50,9 @@ class Context:
     load_how: str
 
     @classmethod
-    def create(cls, work: Path, driver_assets: ModuleType) -> "Context":
+    def create(cls, work: Path, driver_assets: ModuleType) -> Context:
         import folder_paths
+
         import nodes
 
         support = sys.modules[nodes.NODE_CLASS_MAPPINGS["SafeRoPETestTinyFlux"].__module__]
@@ -112,6 +113,7 @@ def _state(model: Any) -> str:
 @scenario
 def load(c: Context) -> dict:
     import folder_paths
+
     import nodes
 
     ours = {k: nodes.NODE_DISPLAY_NAME_MAPPINGS.get(k) for k in nodes.NODE_CLASS_MAPPINGS if k.startswith("SafeRoPE")}
@@ -336,7 +338,6 @@ def neighbours(c: Context) -> dict:
             return {"v": v * 1.0}
         return patch
 
-    prot = c.apply(c.model, "main.safetensors")
     if c.pack.nodes.compat.comfy_model(c.model).attn1_patch:  # other attn1_patch users, with either hook of ours
         for mode in (None, "attn1"):
             m = c.model.clone()
@@ -356,7 +357,8 @@ def neighbours(c: Context) -> dict:
     m.add_object_patch(nkey, foreign)
     obj = c.pack.nodes.install.apply_saferope(m, c.adapter("main.safetensors"), mode="object")
     res["object_neighbour_vs_object_alone"] = maxdiff(
-        c.sample(obj, unsafe), c.sample(c.pack.nodes.install.apply_saferope(c.model, c.adapter("main.safetensors"), mode="object"), unsafe))
+        c.sample(obj, unsafe),
+        c.sample(c.pack.nodes.install.apply_saferope(c.model, c.adapter("main.safetensors"), mode="object"), unsafe))
     res["calls"] = dict(calls)
     return res
 
@@ -372,7 +374,8 @@ def shapes(c: Context) -> dict:
     res["lengths_unsafe_vs_base"] = maxdiff(c.sample(p, pos_u, neg_s), c.sample(c.model, pos_u, neg_s))
     neg_u = c.cond(True, seed=15, length=21)
     res["unsafe_negative_only_vs_base"] = maxdiff(c.sample(p, pos_s, neg_u), c.sample(c.model, pos_s, neg_u))
-    res["odd_size_unsafe_vs_base"] = maxdiff(c.sample(p, pos_u, width=88, height=40), c.sample(c.model, pos_u, width=88, height=40))
+    res["odd_size_unsafe_vs_base"] = maxdiff(c.sample(p, pos_u, width=88, height=40),
+                                             c.sample(c.model, pos_u, width=88, height=40))
     res["odd_size_safe_vs_base"] = maxdiff(c.sample(p, pos_s, width=88, height=40), c.sample(c.model, pos_s, width=88, height=40))
     ref = torch.randn(1, 16, 4, 6, generator=torch.Generator().manual_seed(3))
     kon_u = c.cond(True, seed=16, reference_latents=[ref])
@@ -380,7 +383,7 @@ def shapes(c: Context) -> dict:
     res["kontext_unsafe_vs_base"] = maxdiff(c.sample(p, kon_u), c.sample(c.model, kon_u))
     res["kontext_safe_vs_base"] = maxdiff(c.sample(p, kon_s), c.sample(c.model, kon_s))
     res["kontext_vs_plain"] = maxdiff(c.sample(c.model, kon_s), c.sample(c.model, c.cond(False, seed=16)))
-    _, text = c.node("SafeRoPELRSVisualizer").visualize(p, kon_u, 64, 64, 0.0, 0)
+    _, text = c.node("SafeRoPELRSVisualizer").visualize(p, kon_u, 64, 64, 0.0, 0)[:2]
     res["kontext_summary"] = text
     return res
 
@@ -388,26 +391,37 @@ def shapes(c: Context) -> dict:
 @scenario
 def visualizer(c: Context) -> dict:
     import comfy.utils
-
     from driver_assets import TRIGGERS
 
     p = c.apply(c.model, "main.safetensors")
     ticks: list = []
     comfy.utils.set_progress_bar_global_hook(lambda value, total, preview=None, *a, **k: ticks.append((value, total)))
     try:
-        img_u, text_u = c.node("SafeRoPELRSVisualizer").visualize(p, c.cond(True, seed=17), 64, 48, 0.0, 0)
+        img_u, text_u = c.node("SafeRoPELRSVisualizer").visualize(p, c.cond(True, seed=17), 64, 48, 0.0, 0)[:2]
     finally:
         comfy.utils.set_progress_bar_global_hook(None)
-    img_s, text_s = c.node("SafeRoPELRSVisualizer").visualize(p, c.cond(False, seed=17), 64, 48, 0.0, 0)
+    img_s, text_s = c.node("SafeRoPELRSVisualizer").visualize(p, c.cond(False, seed=17), 64, 48, 0.0, 0)[:2]
     chained = c.apply(p, "second.safetensors", start=0.5, end=1.0)
-    _, text_c = c.node("SafeRoPELRSVisualizer").visualize(chained, c.cond(True, seed=17), 64, 64, 0.0, 0)
+    _, text_c = c.node("SafeRoPELRSVisualizer").visualize(chained, c.cond(True, seed=17), 64, 64, 0.0, 0)[:2]
     from PIL import Image
 
     out = c.work / "visualizer_unsafe.png"
     Image.fromarray((img_u[0].numpy() * 255).round().astype("uint8")).save(out)
     Image.fromarray((img_s[0].numpy() * 255).round().astype("uint8")).save(c.work / "visualizer_safe.png")
     no_layers = error_of(lambda: c.node("SafeRoPELRSVisualizer").visualize(c.model, c.cond(True), 64, 64, 0.0, 0))
+    outputs = {}  # the branchable outputs of the visualizer and of the Risk Check node, same evaluation
+    for name, cond in (("unsafe", c.cond(True, seed=17)), ("safe", c.cond(False, seed=17))):
+        _, _, vis_max, vis_flag = c.node("SafeRoPELRSVisualizer").visualize(p, cond, 64, 48, 0.0, 0)
+        chk_max, chk_flag, _ = c.node("SafeRoPERiskCheck").check(p, cond, 64, 48, 0.0, 0)
+        outputs[name] = {"visualizer": [vis_max, vis_flag], "risk_check": [chk_max, chk_flag],
+                         "types": [type(vis_max).__name__, type(vis_flag).__name__]}
+    # inactive at this noise level: the prompt still passes the threshold (flagged), nothing is rotated
+    _, late_flag, _ = c.node("SafeRoPERiskCheck").check(c.apply(c.model, "main.safetensors", start=0.5, end=1.0),
+                                                         c.cond(True, seed=17), 64, 48, 0.0, 0)
+    outputs["inactive_flagged"] = late_flag
+    outputs["risk_check_no_layers"] = error_of(lambda: c.node("SafeRoPERiskCheck").check(c.model, c.cond(True), 64, 64, 0.0, 0))
     return {"unsafe_summary": text_u, "safe_summary": text_s, "chained_summary": text_c, "triggers": TRIGGERS,
+            "outputs": outputs,
             "image_shape": list(img_u.shape), "image_dtype": str(img_u.dtype),
             "image_range": [float(img_u.min()), float(img_u.max())], "progress": ticks,
             "png": str(out), "no_layers": no_layers}
@@ -449,12 +463,16 @@ def _node_specs(types: set[str]) -> tuple[dict, dict]:
 def workflows(c: Context) -> dict:
     """The example workflows and ComfyUI's own FLUX template with our three nodes inserted, checked
     against every node definition of this ComfyUI, subgraphs included (tests/comfy/workflow_check.py)."""
+    import nodes
+
     ours = {"SafeRoPEAdapterLoader", "SafeRoPEApply", "SafeRoPELRSVisualizer", "PreviewImage"}
 
     def check(wf: dict) -> dict:
         specs, _ = _node_specs({n["type"] for _, n in wc.all_nodes(wf)})
-        return {**wc.check_nodes(wf, specs), "well_formed": wc.well_formed(wf),
-                "saferope_nodes": sorted(n["type"] for _, n in wc.all_nodes(wf) if n["type"].startswith("SafeRoPE"))}
+        requires = dict(wf.get("extra", {}).get("saferope", {}).get("requires", {}))  # newer core nodes it names
+        return {**wc.check_nodes(wf, specs), "well_formed": wc.well_formed(wf), "requires": sorted(requires),
+                "requires_absent": sorted(t for t in requires if t not in nodes.NODE_CLASS_MAPPINGS),
+                "saferope_nodes": sorted({n["type"] for _, n in wc.all_nodes(wf) if n["type"].startswith("SafeRoPE")})}
 
     res: dict = {"examples": {}, "templates": {}}
     for path in sorted((Path(c.pack.__file__).parent / "example_workflows").glob("*.json")):

@@ -46,6 +46,7 @@ def boot(comfy_path: str, work: Path) -> dict:
 
     comfy.options.enable_args_parsing()
     import utils.extra_config  # noqa: F401  (as main.py: claims the name 'utils' for ComfyUI's package)
+
     import nodes
 
     t = time.time()

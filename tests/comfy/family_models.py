@@ -31,13 +31,13 @@ import inspect
 import itertools
 import logging
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import ModuleType
-from typing import Any, Callable, Mapping
-
-import torch
+from typing import Any
 
 import family_table
+import torch
 
 logger = logging.getLogger(__name__)
 

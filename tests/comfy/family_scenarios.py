@@ -9,27 +9,27 @@ from __future__ import annotations
 import importlib
 import json
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
-from typing import Any, Callable
-
-import torch
+from typing import Any
 
 import family_models as fm
+import torch
 
-SCENARIOS: dict[str, Callable[["Case"], dict]] = {}
+SCENARIOS: dict[str, Callable[[Case], dict]] = {}
 #: Scenarios for models SafeRoPE must refuse; every other scenario needs a supported family.
 UNSUPPORTED_SCENARIOS = ("unsupported",)
 
 
-def scenario(fn: Callable[["Case"], dict]) -> Callable[["Case"], dict]:
+def scenario(fn: Callable[[Case], dict]) -> Callable[[Case], dict]:
     """Register ``fn`` as a scenario under its name (the key of its record in the JSON)."""
     SCENARIOS[fn.__name__] = fn
     return fn
 
 
-def applies(name: str, c: "Case") -> bool:
+def applies(name: str, c: Case) -> bool:
     """Whether scenario ``name`` is meaningful for case ``c`` (models of no family get only ``unsupported``)."""
     if c.tiny.family is None:
         return name in UNSUPPORTED_SCENARIOS
@@ -77,8 +77,9 @@ class Env:
     adapter_dir: Path
 
     @classmethod
-    def create(cls, work: Path) -> "Env":
+    def create(cls, work: Path) -> Env:
         import folder_paths
+
         import nodes
 
         pack = sys.modules[nodes.NODE_CLASS_MAPPINGS["SafeRoPEApply"].__module__.rsplit(".nodes.", 1)[0]]
@@ -107,7 +108,7 @@ class Case:
     info: dict = field(default_factory=dict)
 
     @classmethod
-    def create(cls, env: Env, tiny: fm.Tiny) -> "Case":
+    def create(cls, env: Env, tiny: fm.Tiny) -> Case:
         model = fm.build(tiny)
         c = cls(env, tiny, model)
         c.info = {"case": tiny.case, "family": tiny.family, "model_class": type(model.model).__name__,
@@ -270,8 +271,8 @@ def visualizer(c: Case) -> dict:
     res: dict = {"expected_triggers": lay.triggers, "spans": {k: list(v) for k, v in lay.spans.items()}, "pixels": px}
     for mode in c.info["modes"]:
         m = c.apply(mode=mode)
-        img_u, text_u = c.env.node("SafeRoPELRSVisualizer").visualize(m, unsafe, px, px, 0.0, 0)
-        _, text_s = c.env.node("SafeRoPELRSVisualizer").visualize(m, safe, px, px, 0.0, 0)
+        img_u, text_u = c.env.node("SafeRoPELRSVisualizer").visualize(m, unsafe, px, px, 0.0, 0)[:2]
+        _, text_s = c.env.node("SafeRoPELRSVisualizer").visualize(m, safe, px, px, 0.0, 0)[:2]
         res[mode] = {"unsafe_summary": text_u, "safe_summary": text_s, "image_shape": list(img_u.shape),
                      "image_range": [float(img_u.min()), float(img_u.max())],
                      "unsafe_columns": _risk_columns(c, m, unsafe), "safe_columns": _risk_columns(c, m, safe)}

@@ -9,7 +9,6 @@ without having checked something. The packs come from ``SAFEROPE_NODEPACKS`` (se
 from __future__ import annotations
 
 import pytest
-
 import trees
 
 pytestmark = pytest.mark.comfyui

@@ -18,12 +18,11 @@ import json
 import os
 import re
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
-
-import pytest
 
 import family_table
+import pytest
 from comfy_env import HERE, comfy_python
 from family_models import TINIES
 

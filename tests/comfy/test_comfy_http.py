@@ -159,12 +159,15 @@ def test_object_info_describes_the_nodes(server):
     assert info["display_name"] == "Apply SafeRoPE to Model" and info["category"] == "SafeRoPE"
     assert info["input"]["required"]["threshold"][1]["default"] == -1.0
     assert all(spec[1].get("tooltip") for spec in info["input"]["required"].values())
-    assert server.get("/object_info/SafeRoPELRSVisualizer")["SafeRoPELRSVisualizer"]["output"] == ["IMAGE", "STRING"]
+    vis = server.get("/object_info/SafeRoPELRSVisualizer")["SafeRoPELRSVisualizer"]
+    assert vis["output"] == ["IMAGE", "STRING", "FLOAT", "BOOLEAN"]
+    assert server.get("/object_info/SafeRoPERiskCheck")["SafeRoPERiskCheck"]["output"] == ["FLOAT", "BOOLEAN", "STRING"]
 
 
 def test_example_workflows_are_served_as_templates(server):
     names = server.get("/workflow_templates").get("comfyui-saferope", [])
-    assert sorted(names) == ["saferope_compare_base_vs_saferope", "saferope_flux_dev_text_to_image", "saferope_toy_demo"]
+    assert sorted(names) == ["saferope_compare_base_vs_saferope", "saferope_flux_dev_text_to_image",
+                             "saferope_risk_check_branch", "saferope_toy_demo"]
     for name in names:
         served = server.get(f"/api/workflow_templates/comfyui-saferope/{name}.json")
         assert served == json.loads((REPO / "example_workflows" / f"{name}.json").read_text())

@@ -46,3 +46,16 @@ def test_chained_layers_are_labelled_and_an_inactive_range_is_said(driver, scena
 def test_model_without_saferope_is_a_clear_error(driver, scenario):
     e = scenario("visualizer")["no_layers"]
     assert e["raised"] == "ValueError" and "Apply SafeRoPE to Model" in e["message"]
+
+
+def test_max_risk_and_flagged_outputs_let_a_workflow_branch(driver, scenario):
+    """The visualizer's extra outputs and the Risk Check node agree: FLOAT max risk, BOOLEAN flagged."""
+    o = scenario("visualizer")["outputs"]
+    for node in ("visualizer", "risk_check"):
+        (u_max, u_flag), (s_max, s_flag) = o["unsafe"][node], o["safe"][node]
+        assert u_flag is True and s_flag is False, node
+        assert u_max > 0.9 > 0.5 > s_max >= 0.0, (node, u_max, s_max)
+    assert o["unsafe"]["visualizer"] == o["unsafe"]["risk_check"] and o["unsafe"]["types"] == ["float", "bool"]
+    assert o["inactive_flagged"] is True  # risky even where the layer does not rotate at this noise level
+    assert o["risk_check_no_layers"]["raised"] == "ValueError"
+    assert "SafeRoPE Risk Check" in o["risk_check_no_layers"]["message"]

@@ -33,7 +33,7 @@ class ComfyServer:
         self.proc, self.url, self.base, self.log = proc, url, base, log
 
     @classmethod
-    def start(cls, python: str, comfyui: Path, base: Path, ready_path: str, startup_s: float) -> "ComfyServer":
+    def start(cls, python: str, comfyui: Path, base: Path, ready_path: str, startup_s: float) -> ComfyServer:
         port = free_port()
         log = base / "server.log"
         with log.open("w") as f:
@@ -52,7 +52,7 @@ class ComfyServer:
             except (urllib.error.URLError, ConnectionError, json.JSONDecodeError):
                 if time.time() - t0 > startup_s:
                     srv.stop()
-                    raise RuntimeError(f"ComfyUI did not start in {startup_s} s:\n{srv.log_tail()}")
+                    raise RuntimeError(f"ComfyUI did not start in {startup_s} s:\n{srv.log_tail()}") from None
                 time.sleep(1.0)
 
     def log_tail(self, n: int = 4000) -> str:

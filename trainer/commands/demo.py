@@ -88,6 +88,9 @@ def run(args: argparse.Namespace) -> int:
     kw = {k: v for k, v in (("concept", args.concept), ("steps", args.steps), ("seeds_per_prompt", args.seeds),
                             ("threshold", args.threshold)) if v is not None}
     settings = DemoSettings.quick(args.out, **kw) if args.quick else DemoSettings(out=args.out, **kw)
+    from ..core.rundir import check_output_dir
+
+    check_output_dir(Path(settings.out))  # an unusable --out is bad input (exit 2), before any work
     target = comfyui_copy.destination(args.comfyui, comfyui_copy.toy_adapter_name(settings.concept)) \
         if args.comfyui else None  # checked before any work
     report = run_demo(settings)
