@@ -235,7 +235,9 @@ def build_hunyuan_image(path: Path) -> Path:
 
     torch.manual_seed(0)
     tok = qwen_tokenizer()
-    te = _qwen25vl(tok, 3)  # the pipeline reads the third-to-last hidden state
+    te = _qwen25vl(tok, 3)  # the pipeline reads the third-to-last hidden state: the embeddings, before any norm
+    with torch.no_grad():  # of a trained model's size (std ~1), so the text refiner's input bias does not drown them
+        te.get_input_embeddings().weight.mul_(50.0)
     tok2 = ByT5Tokenizer()
     te2 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2,
                                   pad_token_id=0, eos_token_id=1))
