@@ -21,13 +21,25 @@ from ..families.models import ModelInfo
 
 
 def load_adapters(paths: Sequence[str], info: ModelInfo) -> list[SafeRoPEAdapter]:
-    """Load and check each adapter against the model's shapes (before any model is loaded)."""
+    """Load and check each adapter against the model's shapes (before any model is loaded); an adapter of
+    another model (family, heads or blocks) is bad input: a :class:`UsageError` naming both."""
+    from saferope_engine.errors import IncompatibleAdapterError
+
     adapters = []
     for path in paths:
         adapter = load_adapter(path)
-        adapter.check_compatible(info.shapes)
+        try:
+            adapter.check_compatible(info.shapes)
+        except IncompatibleAdapterError as e:
+            raise UsageError(f"{e} (MODEL {info.spec!r} is {arch_label(info.family)})") from None
         adapters.append(adapter)
     return adapters
+
+
+def arch_label(family: str) -> str:
+    from saferope_engine import arch
+
+    return arch.get(family).label()
 
 
 def check_strengths(given: Sequence[float] | None) -> None:

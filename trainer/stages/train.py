@@ -42,6 +42,7 @@ from ..core.config import RunConfig, diff_fingerprints, fingerprint, init_std, j
 from ..families.text import EmbeddingTable, TextBatch
 from ..core.errors import TrainerError, UsageError
 from ..families.base import Caller
+from ..families.models import enable_gradient_checkpointing
 from ..core.progress import progress_bar
 from ..core.rundir import DamagedFileError, RunDir, atomic_write_json, check_manifest, commit_dir, write_manifest
 from ..core.runtime import Runtime
@@ -262,7 +263,7 @@ class Trainer:
         bind(adapter, self.params)
         self.handle = apply_saferope(transformer, adapter, strength=1.0)
         if self.t.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()  # the engine keeps each block's text split on recompute
+            enable_gradient_checkpointing(transformer)  # the engine keeps each block's text split on recompute
 
     def close(self) -> None:
         self.handle.remove()
