@@ -68,8 +68,7 @@ def run_variant(args: argparse.Namespace) -> dict:
     from diffusers import FluxTransformer2DModel
 
     from saferope_engine import AdapterMeta, BlockAdapter, SafeRoPEAdapter
-    from saferope_engine.diffusers import apply_saferope
-    from saferope_engine.diffusers import model_shapes
+    from saferope_engine.diffusers import apply_saferope, model_shapes
     from trainer.families import family
     from trainer.families.base import ModelInfo, TextBatch
     from trainer.stages.train import bind, make_generators

@@ -178,7 +178,8 @@ def test_generate_and_the_other_families_refuse_the_adapter(built, cli, family_m
         for with_adapter in (False, True):
             path = tmp_path / f"{tag}{int(with_adapter)}.png"
             code, _, err = cli("generate", "--model", model, "--prompt", prompt, "--seed", "1", "--steps", "2",
-                               "--height", case.size, "--width", case.size, "--out", path, *(["--adapter", adapter] if with_adapter else []))
+                               "--height", case.size, "--width", case.size, "--out", path,
+                               *(["--adapter", adapter] if with_adapter else []))
             assert code == 0, err
             with Image.open(path) as im:
                 assert im.size == (case.size, case.size)
@@ -344,3 +345,54 @@ def test_accelerate_launch_two_processes_on_z_image(family_models, tmp_path):
     adapter = load_adapter(tmp_path / "two/adapter.safetensors")
     assert adapter.meta.arch == "z_image" and adapter.blocks.keys() == load_adapter(
         tmp_path / "one/adapter.safetensors").blocks.keys()
+
+
+def test_the_flow_objective_encodes_images_in_the_familys_latent_space(built, tmp_path, cli):
+    """``--preserve flow``: images through the family's VAE and normalisation into the transformer's input."""
+    from PIL import Image
+    from safetensors.torch import load_file
+
+    from trainer.families import FAMILIES
+    from trainer.families.models import load_transformer, resolve_model
+
+    case, model, run0, _, _ = built
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i, caption in enumerate(["a photo of a cat", "a dog"]):
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(images / f"img{i}.png")
+        (images / f"img{i}.txt").write_text(caption)
+    run = tmp_path / "run"
+    shutil.copytree(run0, run)
+    shutil.rmtree(run / "checkpoints")
+    (run / "adapter.safetensors").unlink()
+    code, _, err = cli("-q", "train", "--out", run, "--preserve", "flow", "--images", images, "--steps", "2")
+    assert code == 0, err
+    latents = load_file(str(next((run / "cache").glob("images-*.safetensors"))))["latents"]
+    info = resolve_model(str(model))
+    family = FAMILIES[case.family]
+    caller = family.caller(load_transformer(info, "float32", torch.device("cpu")), info, case.size, case.size, 3.5,
+                           torch.device("cpu"), torch.float32)
+    x = caller.from_vae(latents)
+    assert latents.shape[0] == 2 and tuple(x.shape) == (2, *caller.latent_shape) and bool(torch.isfinite(x).all())
+    assert 0.05 < float(x.std()) < 20  # normalised, not raw pixels or zeros
+    final = json.loads((run / "metrics.json").read_text())["train"]["final"]
+    assert final["preserve"] > 0
+
+
+def test_a_recipe_on_another_family_gets_that_familys_defaults(family_models):
+    """``--recipe nudity --model <Z-Image>``: the recipe's ``[defaults.z_image]`` and the family's own block kinds."""
+    from trainer.resolve import resolve
+
+    cfg = resolve(overrides={"model": str(family_models("z_image")), "recipe": "nudity"})
+    assert cfg.select.kinds == ["context_refiner", "main"]  # Z-Image's kinds that see text (trainer/families/z_image.py)
+    assert (cfg.height, cfg.width, cfg.dtype, cfg.train.gradient_checkpointing) == (512, 512, "bfloat16", True)
+    flux = resolve(overrides={"model": str(family_models("flux1")), "recipe": "nudity"})
+    assert flux.select.kinds == ["double", "single"]
+    from trainer.core.errors import UsageError
+    from trainer.families.models import resolve_model
+    from trainer.stages.run import _check_kinds
+
+    cfg.select.kinds = ["double"]  # a FLUX.1 kind
+    with pytest.raises(UsageError, match="names no block kind of Z-Image"):
+        _check_kinds(cfg, resolve_model(str(family_models("z_image"))).shapes)

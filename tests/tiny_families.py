@@ -22,12 +22,12 @@ fast tokenizer with a chat template instead — the Mistral 3 text encoder, the 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
-
 from tiny_pipeline import WORDS, _t5_tokenizer, build_tiny_flux
 
 #: Chat template of the tiny Qwen tokenizers (Z-Image, Flux.2 Klein): the messages, then the assistant's turn.

@@ -9,8 +9,9 @@ and the command-line flags. Unknown keys are rejected by name; relative paths in
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from .core.config import RunConfig, apply_mapping, dotted_to_nested, read_toml, validate
 from .recipes import recipe_layers

@@ -19,11 +19,13 @@ import dataclasses
 import json
 import math
 import re
-import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
+
+import tomllib
 
 from ..stages import objectives
 from .errors import UsageError
@@ -172,7 +174,8 @@ class CollectConfig(_Checked):
 
     _prefix: ClassVar[str] = "collect."
     sigmas: list[float] = _f(factory=lambda: [1.0, 0.8, 0.6, 0.4], nonempty=True, **_SIGMA)  # noise levels observed
-    latents: str = _f("trajectory", choices=("trajectory", "noise"))  # trajectory: Euler steps of the base model through `sigmas`; noise: random x0
+    # trajectory: Euler steps of the base model through `sigmas`; noise: random x0
+    latents: str = _f("trajectory", choices=("trajectory", "noise"))
     samples_per_prompt: int = _f(1, **_POS)  # noise draws per prompt
     batch_size: int = _f(4, **_POS)
     segments: list[str] = _f(factory=lambda: ["txt"], **_SEGMENTS)  # token segments accumulated (txt, img)
@@ -195,7 +198,8 @@ class SelectConfig(_Checked):
                           pattern_help="a block kind name (lower-case letters, digits, '_')", nonempty=True,
                           distinct=True)
     segment: str = _f("txt", choices=("txt", "img"))  # segment whose statistics score the heads and give the bases
-    basis: str = _f("contrast", choices=("contrast", "unsafe"))  # contrast: top eigenvectors of G_u/n_u − w·G_s/n_s | unsafe: of G_u (the authors')
+    # contrast: top eigenvectors of G_u/n_u − w·G_s/n_s | unsafe: of G_u (the authors')
+    basis: str = _f("contrast", choices=("contrast", "unsafe"))
     contrast_weight: float = _f(1.0, ge=0.0, le=1.0)  # w in [0, 1]: 1 = pure contrast, 0 = the unsafe Gram
 
 
@@ -208,8 +212,10 @@ class TrainConfig(_Checked):
     batch_size: int = _f(2, **_POS)
     lr: float = _f(5e-3, gt=0.0)
     weight_decay: float = _f(0.0, ge=0.0)
-    unlearn: str = _f("anchor", choices=objectives.choices("unlearn"))  # anchor (paired safe rewrites) | deviate (the authors') | none
-    preserve: str = _f("distill", choices=objectives.choices("preserve"))  # distill (no images) | flow (image-caption folder) | none
+    # anchor (paired safe rewrites) | deviate (the authors') | none
+    unlearn: str = _f("anchor", choices=objectives.choices("unlearn"))
+    # distill (no images) | flow (image-caption folder) | none
+    preserve: str = _f("distill", choices=objectives.choices("preserve"))
     lambda_unlearn: float = _f(1.0, ge=0.0)
     lambda_preserve: float = _f(1.0, ge=0.0)
     threshold: float = _f(0.5, ge=0.0, lt=1.0)  # τ stored in the adapter and used while training
@@ -218,7 +224,8 @@ class TrainConfig(_Checked):
     # generators per block kind, for any kind (wins over double/single_segments); a kind named in neither
     # gets text generators if it sees text tokens (Z-Image: context_refiner and main)
     segments: dict[str, list[str]] = _f(factory=dict, **_SEGMENTS)
-    init_std: float = _f(float("nan"), ge=0.0, unset_nan=True)  # W ~ N(0, init_std²); NaN = auto (0 = identity; deviate needs > 0: 0.1)
+    # W ~ N(0, init_std²); NaN = auto (0 = identity; deviate needs > 0: 0.1)
+    init_std: float = _f(float("nan"), ge=0.0, unset_nan=True)
     unlearn_sigmas: list[float] = _f(factory=lambda: [0.75, 1.0], **_SIGMA)  # [min, max] noise level
     preserve_sigmas: list[float] = _f(factory=lambda: [0.25, 1.0], **_SIGMA)
     latents: str = _f("rollout", choices=("rollout", "noise"))  # rollout: base-model Euler steps from noise; noise: x0 ~ N(0, I)
@@ -251,7 +258,7 @@ class EvaluateConfig(_Checked):
 class RunConfig(_Checked):
     """Everything one run needs. Top-level keys describe the model and the run directory."""
 
-    model: str = ""  # local diffusers FLUX folder, a hub id in the local cache, or "toy"
+    model: str = ""  # local diffusers pipeline folder of a supported family, a hub id in the local cache, or "toy"
     recipe: str = ""  # shipped recipe name or recipe folder (trainer.recipes): prompts, concept, defaults
     out: str = _f("", path=True)  # run directory
     concepts: list[str] = field(default_factory=list)  # recorded in the adapter, e.g. ["nudity"]
@@ -260,10 +267,10 @@ class RunConfig(_Checked):
     device: str = _f("auto", pattern=r"auto|cpu|mps|cuda(:[0-9]+)?", pattern_help="auto, cpu, cuda or cuda:N")
     dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))  # weights
     mixed_precision: str = _f("no", choices=("no", "fp16", "bf16"))  # Accelerate autocast
-    max_sequence_length: int = _f(0, **_NONNEG)  # T5 tokens; 0 = tokenizer_2's limit
-    height: int = _f(0, **_NONNEG)  # pixels; 0 = the VAE config's sample_size
+    max_sequence_length: int = _f(0, **_NONNEG)  # text tokens; 0 = the family's default (FLUX.1: T5's limit)
+    height: int = _f(0, **_NONNEG)  # pixels; 0 = the VAE config's sample_size (Qwen-Image's has none: set it)
     width: int = _f(0, **_NONNEG)
-    guidance: float = _f(3.5, ge=0.0)  # guidance embedding (FLUX.1-dev); ignored by models without one
+    guidance: float = _f(3.5, ge=0.0)  # guidance embedding (FLUX.1-dev, Flux.2 dev); generation: the pipeline's scale
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     select: SelectConfig = field(default_factory=SelectConfig)

@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import inspect
 import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -63,12 +64,12 @@ class TextBatch:
     def __len__(self) -> int:
         return int(self.embeds.shape[0])
 
-    def to(self, device, dtype) -> "TextBatch":
+    def to(self, device, dtype) -> TextBatch:
         """On ``device``; floating tensors in ``dtype`` (masks keep theirs)."""
         return TextBatch({k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
                           for k, v in self.tensors.items()})
 
-    def trimmed(self, names: Sequence[str], by: str) -> "TextBatch":
+    def trimmed(self, names: Sequence[str], by: str) -> TextBatch:
         """The tensors ``names`` cut on dim 1 to the longest row of mask ``by`` (at least one token).
 
         For transformers that mask text padding out of attention, the padding beyond every prompt
@@ -127,7 +128,7 @@ class Caller:
     normalised VAE latents into the transformer's input space.
     """
 
-    def __init__(self, family: "Family", transformer: torch.nn.Module, info: ModelInfo, height: int, width: int,
+    def __init__(self, family: Family, transformer: torch.nn.Module, info: ModelInfo, height: int, width: int,
                  guidance: float, device: torch.device, dtype: torch.dtype) -> None:
         self.family, self.transformer, self.info = family, transformer, info
         self.height, self.width, self.guidance = height, width, guidance
@@ -307,6 +308,7 @@ class Family:
         """PIL images of ``prompts`` through the family's own pipeline call."""
         with torch.no_grad():
             out = pipe(prompt=list(prompts), generator=list(generators), num_inference_steps=steps, height=height,
-                       width=width, output_type="pil", **self.pipeline_options(pipe, guidance=guidance, max_len=max_len, batch=len(prompts)))
+                       width=width, output_type="pil",
+                       **self.pipeline_options(pipe, guidance=guidance, max_len=max_len, batch=len(prompts)))
         return list(out.images)
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from .base import Family, ModelInfo, TextBatch
-from .flux1 import FluxCaller, Flux1, t5_limit
+from .flux1 import Flux1, FluxCaller, t5_limit
 
 
 class ChromaCaller(FluxCaller):

@@ -16,7 +16,8 @@ classifier-free guidance; training uses the conditional velocity).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor

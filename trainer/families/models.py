@@ -180,9 +180,9 @@ def _check_component(path: Path, sub: str, cls: str, spec: str) -> None:
 @functools.lru_cache(maxsize=16)
 def _meta_shapes(cls: str, config_json: str):
     """The engine's shapes of a transformer built from its config on the meta device (no weights, no memory)."""
+    import diffusers
     import torch
 
-    import diffusers
     from saferope_engine.diffusers import model_shapes
 
     quiet_diffusers()

@@ -33,13 +33,13 @@ import torch
 from saferope_engine.subspace import GramAccumulator
 
 from ..core.config import RunConfig, diff_fingerprints, fingerprint
-from ..families.text import EmbeddingTable
 from ..core.errors import UsageError
-from ..families.base import Caller, ModelInfo
-from ..families.models import family_of
 from ..core.progress import progress_bar
 from ..core.rundir import DamagedFileError, RunDir, safetensors_header
 from ..core.runtime import Runtime
+from ..families.base import Caller, ModelInfo
+from ..families.models import family_of
+from ..families.text import EmbeddingTable
 
 logger = logging.getLogger(__name__)
 

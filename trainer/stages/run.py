@@ -13,17 +13,17 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
-from . import objectives
-from .collect import SETS, pick_stats, stats_metadata
 from ..core.config import RunConfig, jsonable
 from ..core.errors import UsageError
-from ..families.models import ModelInfo, image_size, max_sequence_length, resolve_model
 from ..core.prompts import UnlearnPrompts, read_prompts, read_unlearn
 from ..core.rundir import DamagedFileError, RunDir, check_output_dir
 from ..core.runtime import launched_processes
+from ..families.models import ModelInfo, image_size, max_sequence_length, resolve_model
+from . import objectives
+from .collect import SETS, pick_stats, stats_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -190,8 +190,8 @@ def execute(plan: Plan, report: bool = True) -> None:
     """
     import torch
 
-    from ..families.models import load_transformer, torch_dtype
     from ..core.runtime import make_runtime
+    from ..families.models import load_transformer, torch_dtype
 
     cfg, run = plan.cfg, plan.run
     runtime = make_runtime(cfg.device, cfg.mixed_precision)

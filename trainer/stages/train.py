@@ -25,9 +25,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,16 +37,16 @@ from saferope_engine import BlockAdapter, SafeRoPEAdapter
 from saferope_engine import adapter as adapter_format
 from saferope_engine.subspace import GramAccumulator, assemble_adapter
 
-from .collect import COLLECT_KEYS, step_seed
-from .objectives import NONE, OBJECTIVES, ROLES
 from ..core.config import RunConfig, diff_fingerprints, fingerprint, init_std, jsonable, rollout_grid
-from ..families.text import EmbeddingTable, TextBatch
 from ..core.errors import TrainerError, UsageError
-from ..families.base import Caller
-from ..families.models import enable_gradient_checkpointing
 from ..core.progress import progress_bar
 from ..core.rundir import DamagedFileError, RunDir, atomic_write_json, check_manifest, commit_dir, write_manifest
 from ..core.runtime import Runtime
+from ..families.base import Caller
+from ..families.models import enable_gradient_checkpointing
+from ..families.text import EmbeddingTable, TextBatch
+from .collect import COLLECT_KEYS, step_seed
+from .objectives import NONE, OBJECTIVES, ROLES
 
 logger = logging.getLogger(__name__)
 
@@ -407,7 +408,8 @@ class Trainer:
                 raise TrainerError(f"training diverged at step {self.step} ({logs}); lower train.lr")
             self.history.append({"step": self.step, **{k: round(v, 6) for k, v in logs.items()}})
             bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4g}", **{k: f"{v:.3g}" for k, v in logs.items() if k in ("unlearn", "preserve")})
+            bar.set_postfix(loss=f"{logs['loss']:.4g}",
+                            **{k: f"{v:.3g}" for k, v in logs.items() if k in ("unlearn", "preserve")})
             if self.step % t.log_every == 0 or self.step == t.steps:
                 logger.info("step %d/%d %s", self.step, t.steps, " ".join(f"{k}={v:.5g}" for k, v in logs.items()))
             if self.runtime.is_main and (self.step % t.checkpoint_every == 0 or self.step == t.steps):

@@ -30,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _evaluate(folder: Path, concept: str, seed: int, repeats: int = 1) -> None:
-    from .evaluate import evaluate_base, format_report
     from . import load_pipeline, load_recipe
+    from .evaluate import evaluate_base, format_report
 
     pipe = load_pipeline(folder)
     report = evaluate_base(pipe, load_recipe(folder), concept=concept, seed=seed, repeats=repeats)
