@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -187,6 +187,17 @@ def grid_ids(rows: int, cols: int, width: int, row_axis: int, col_axis: int) -> 
     return ids.reshape(rows * cols, width)  # (rows, cols, width) -> (rows·cols, width)
 
 
+def checkpoint_call(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+    """Call ``module`` under activation checkpointing (recomputed in backward), keyword arguments passed on.
+
+    diffusers' default checkpoint function takes positional arguments only, and some transformers
+    (HunyuanImage in diffusers 0.42) call their blocks with keywords, which it refuses.
+    """
+    import torch.utils.checkpoint
+
+    return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, **kwargs)
+
+
 def default_of(function: Any, parameter: str) -> Any:
     """The default value of ``parameter`` in ``function``'s signature (a pipeline's own default length)."""
     return inspect.signature(function).parameters[parameter].default
@@ -289,6 +300,13 @@ class Family:
     def caller(self, transformer: torch.nn.Module, info: ModelInfo, height: int, width: int, guidance: float,
                device: torch.device, dtype: torch.dtype) -> Caller:
         return self.caller_class(self, transformer, info, height, width, guidance, device, dtype)
+
+    def enable_gradient_checkpointing(self, transformer: torch.nn.Module) -> Callable[[], None]:
+        """Recompute each block in backward instead of keeping its activations (``--gradient-checkpointing``);
+        returns the function that turns it off. A family whose transformer calls its blocks otherwise under
+        checkpointing than without overrides this (Chroma)."""
+        transformer.enable_gradient_checkpointing(checkpoint_call)
+        return transformer.disable_gradient_checkpointing
 
     # -- images ------------------------------------------------------------------------------
     def encode_pixels(self, vae: Any, pixels: Tensor) -> Tensor:

@@ -13,12 +13,13 @@ velocity).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import Tensor
 
-from .base import Family, ModelInfo, TextBatch
+from .base import Family, ModelInfo, TextBatch, checkpoint_call
 from .flux1 import Flux1, FluxCaller, t5_limit
 
 
@@ -43,6 +44,36 @@ class Chroma(Family):
         return t5_limit(info, "tokenizer", "text_encoder")
 
     text_cap = text_limit
+
+    def enable_gradient_checkpointing(self, transformer: torch.nn.Module) -> Callable[[], None]:
+        """Checkpointing that keeps the attention mask of the single blocks.
+
+        Under gradient checkpointing ``ChromaTransformer2DModel`` (diffusers 0.42) calls its single
+        blocks without the attention mask it gives them otherwise, so they would attend to the
+        padding while training and not while generating. The mask of the current call (a forward
+        pre-hook reads it) is handed to every single block called without one.
+        """
+        current: dict[str, Tensor | None] = {}
+
+        def remember(module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+            current["mask"] = kwargs.get("attention_mask")
+
+        hook = transformer.register_forward_pre_hook(remember, with_kwargs=True)
+        single = tuple({type(b) for b in transformer.single_transformer_blocks})
+
+        def call(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+            # (hidden_states, temb, image_rotary_emb) is what diffusers passes; the mask would be the 4th
+            if isinstance(module, single) and len(args) < 4 and "attention_mask" not in kwargs:
+                kwargs["attention_mask"] = current.get("mask")
+            return checkpoint_call(module, *args, **kwargs)
+
+        transformer.enable_gradient_checkpointing(call)
+
+        def undo() -> None:
+            hook.remove()
+            transformer.disable_gradient_checkpointing()
+
+        return undo
 
     @torch.no_grad()
     def encode(self, pipe: Any, prompts: list[str], *, max_len: int, device: torch.device) -> dict[str, Tensor]:

@@ -324,21 +324,6 @@ def load_transformer(info: ModelInfo, dtype: str, device):
     return model
 
 
-def enable_gradient_checkpointing(transformer) -> None:
-    """Recompute each block in backward instead of keeping its activations (``--gradient-checkpointing``).
-
-    With a checkpoint function that passes keyword arguments on: diffusers' default one takes
-    positional ones only, and some transformers (HunyuanImage in diffusers 0.42) call their blocks
-    with keywords, which it refuses.
-    """
-    import torch.utils.checkpoint
-
-    def checkpointed(module, *args, **kwargs):
-        return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, **kwargs)
-
-    transformer.enable_gradient_checkpointing(checkpointed)
-
-
 def load_vae(info: ModelInfo, dtype: str, device):
     """The frozen VAE of the folder's class."""
     quiet_diffusers()

@@ -43,7 +43,6 @@ from ..core.progress import progress_bar
 from ..core.rundir import DamagedFileError, RunDir, atomic_write_json, check_manifest, commit_dir, write_manifest
 from ..core.runtime import Runtime
 from ..families.base import Caller
-from ..families.models import enable_gradient_checkpointing
 from ..families.text import EmbeddingTable, TextBatch
 from .collect import COLLECT_KEYS, step_seed
 from .objectives import NONE, OBJECTIVES, ROLES
@@ -264,12 +263,13 @@ class Trainer:
         bind(adapter, self.params)
         self.handle = apply_saferope(transformer, adapter, strength=1.0)
         if self.t.gradient_checkpointing:
-            enable_gradient_checkpointing(transformer)  # the engine keeps each block's text split on recompute
+            # the family's way (diffusers' own is unfaithful for some); the engine keeps each block's text split on recompute
+            self.undo_checkpointing = caller.family.enable_gradient_checkpointing(transformer)
 
     def close(self) -> None:
         self.handle.remove()
         if self.t.gradient_checkpointing:
-            self.transformer.disable_gradient_checkpointing()
+            self.undo_checkpointing()
 
     # -- one step ------------------------------------------------------------------------------
     def sigma(self, gen: torch.Generator, rng: list[float]) -> float:
