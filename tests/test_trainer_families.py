@@ -412,3 +412,18 @@ def test_a_recipe_on_another_family_gets_that_familys_defaults(family_models):
     cfg.select.kinds = ["double"]  # a FLUX.1 kind
     with pytest.raises(UsageError, match="names no block kind of Z-Image"):
         _check_kinds(cfg, resolve_model(str(family_models("z_image"))).shapes)
+
+
+def test_without_a_vae_sample_size_the_size_is_the_pipelines_own_default(family_models):
+    """Qwen-Image's VAE config records no sample size: the default size is the one its pipeline uses without
+    ``height``/``width`` (``default_sample_size`` × the VAE's scale factor)."""
+    import diffusers
+
+    from trainer.families.models import image_size, resolve_model
+
+    model = family_models("qwen_image")
+    info = resolve_model(str(model))
+    assert "sample_size" not in info.vae_config
+    pipe = diffusers.QwenImagePipeline.from_pretrained(str(model))
+    size = pipe.default_sample_size * pipe.vae_scale_factor
+    assert image_size(info, 0, 0) == (size, size) and size > 0

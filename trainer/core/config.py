@@ -268,7 +268,7 @@ class RunConfig(_Checked):
     dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))  # weights
     mixed_precision: str = _f("no", choices=("no", "fp16", "bf16"))  # Accelerate autocast
     max_sequence_length: int = _f(0, **_NONNEG)  # text tokens; 0 = the family's default (FLUX.1: T5's limit)
-    height: int = _f(0, **_NONNEG)  # pixels; 0 = the VAE config's sample_size (Qwen-Image's has none: set it)
+    height: int = _f(0, **_NONNEG)  # pixels; 0 = the VAE config's sample_size (none: the pipeline's default)
     width: int = _f(0, **_NONNEG)
     guidance: float = _f(3.5, ge=0.0)  # guidance embedding (FLUX.1-dev, Flux.2 dev); generation: the pipeline's scale
     prompts: PromptsConfig = field(default_factory=PromptsConfig)

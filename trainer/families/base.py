@@ -21,6 +21,7 @@ Conventions every family keeps:
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from collections.abc import Callable, Mapping, Sequence
@@ -198,6 +199,23 @@ def checkpoint_call(module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
     return torch.utils.checkpoint.checkpoint(module.__call__, *args, use_reentrant=False, **kwargs)
 
 
+@functools.cache
+def pipeline_default_cells(pipeline: str) -> int:
+    """``default_sample_size`` of a diffusers pipeline class (set in its ``__init__``: built without components)."""
+    import diffusers
+
+    cls = getattr(diffusers, pipeline, None)
+    if cls is None:
+        return 0
+    try:
+        pipe = cls(**{p: None for p in inspect.signature(cls.__init__).parameters if p != "self"})
+    except Exception:  # a pipeline that cannot be built empty: no default known
+        logger.debug("%s cannot be built without components", pipeline, exc_info=True)
+        return 0
+    cells = getattr(pipe, "default_sample_size", 0)
+    return cells if isinstance(cells, int) and cells > 0 else 0
+
+
 def default_of(function: Any, parameter: str) -> Any:
     """The default value of ``parameter`` in ``function``'s signature (a pipeline's own default length)."""
     return inspect.signature(function).parameters[parameter].default
@@ -232,9 +250,15 @@ class Family:
         return self.patch
 
     def sample_size(self, info: ModelInfo) -> int:
-        """The default image size in pixels (the VAE config's ``sample_size``; 0 when it has none)."""
+        """The default image size in pixels: the VAE config's ``sample_size``, else the pipeline's own default
+        (its ``default_sample_size`` latent cells × the VAE's scale factor, as it sizes an image without
+        ``height``; Qwen-Image's VAE records none); 0 when neither is known."""
         size = info.vae_config.get("sample_size", 0)
-        return int(size[0] if isinstance(size, list) else size or 0)
+        size = int(size[0] if isinstance(size, list) else size or 0)
+        if size:
+            return size
+        cells = pipeline_default_cells(info.pipeline)
+        return cells * self.vae_scale_factor(info) if cells else 0
 
     def text_limit(self, info: ModelInfo) -> int:  # pragma: no cover - abstract
         """The text length the family's pipeline encodes prompts to by default."""
