@@ -68,10 +68,9 @@ def run_variant(args: argparse.Namespace) -> dict:
     from diffusers import FluxTransformer2DModel
 
     from saferope_engine import AdapterMeta, BlockAdapter, SafeRoPEAdapter
-    from saferope_engine.diffusers import apply_saferope
-    from trainer.families.text import TextBatch
-    from trainer.families.flux1 import FluxCaller
-    from trainer.families.models import ModelInfo
+    from saferope_engine.diffusers import apply_saferope, model_shapes
+    from trainer.families import family
+    from trainer.families.base import ModelInfo, TextBatch
     from trainer.stages.train import bind, make_generators
 
     if args.threads:
@@ -115,15 +114,18 @@ def run_variant(args: argparse.Namespace) -> dict:
         transformer.enable_gradient_checkpointing()  # as `trainer train --gradient-checkpointing`
     opt = torch.optim.AdamW(list(params.values()), lr=1e-3)
 
-    info = ModelInfo(spec="synthetic", path=Path("."), name="synthetic", num_heads=H, head_dim=D,
-                     num_double_blocks=args.double, num_single_blocks=args.single, in_channels=args.in_channels,
-                     guidance_embeds=True, vae_scale_factor=8, sample_size=args.pixels, t5_max_length=args.text_tokens)
-    caller = FluxCaller(transformer, info, args.pixels, args.pixels, 3.5, device, dtype)
+    # what the trainer reads off a pipeline folder: the transformer's config and shapes, a VAE of 8 pixels per cell
+    info = ModelInfo(spec="synthetic", path=Path("."), name="synthetic", family="flux1", pipeline="FluxPipeline",
+                     components={}, shapes=model_shapes(transformer), transformer_config=dict(transformer.config),
+                     vae_config={"block_out_channels": [128, 256, 512, 512], "sample_size": args.pixels})
+    caller = family("flux1").caller(transformer, info, args.pixels, args.pixels, 3.5, device, dtype)
     B, T = args.batch, args.text_tokens
-    text = TextBatch(torch.randn(B, T, args.joint_dim), torch.randn(B, args.pooled_dim),
-                     torch.ones(B, T, dtype=torch.bool)).to(device, dtype)
-    target_text = TextBatch(torch.randn(B, T, args.joint_dim), torch.randn(B, args.pooled_dim),
-                            torch.ones(B, T, dtype=torch.bool)).to(device, dtype)
+
+    def random_text() -> TextBatch:
+        return TextBatch({"embeds": torch.randn(B, T, args.joint_dim), "pooled": torch.randn(B, args.pooled_dim),
+                          "mask": torch.ones(B, T, dtype=torch.bool)}).to(device, dtype)
+
+    text, target_text = random_text(), random_text()
     gen = torch.Generator().manual_seed(2)
 
     def step() -> float:
@@ -167,7 +169,7 @@ def run_variant(args: argparse.Namespace) -> dict:
                "step_extra_mib": round(max(0.0, peak_rss - rss_before), 1)}
     handle.remove()
     return {"variant": args.variant, "device": str(device), "dtype": str(dtype).replace("torch.", ""),
-            "transformer_params_b": round(params_b, 3), "image_tokens": caller.seq_len, "text_tokens": T,
+            "transformer_params_b": round(params_b, 3), "image_tokens": caller.latent_shape[0], "text_tokens": T,
             "batch": B, "patched_heads": n * len(keys), "rank": args.rank,
             "step_s_median": round(statistics.median(times), 4), "step_s_min": round(min(times), 4), **mem}
 

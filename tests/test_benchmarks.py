@@ -87,3 +87,19 @@ def test_gpu_benchmark_without_cuda_fails_with_one_line():
                        cwd=ROOT, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert len(r.stderr.strip().splitlines()) == 1 and "no CUDA device" in r.stderr and "--small" in r.stderr
+
+
+def test_build_memory_estimates_every_family():
+    from saferope_engine import arch
+
+    out = json.loads(_run("benchmarks/build_memory.py", "--json"))
+    rows = {r["family"]: r for r in out["models"]}
+    assert set(rows) == set(arch.ids())
+    flux = rows["flux1"]
+    assert flux["transformer_gb"] == pytest.approx(23.8, abs=0.05)  # 11.9e9 parameters × 2 bytes
+    for r in rows.values():
+        phases = {p: r[f"{p}_gb"] for p in ("encode", "collect", "train")}
+        assert r["peak_gb"] == max(phases.values()) and r["peak_phase"] == max(phases, key=phases.get)
+        assert r["encode_gb"] < r["together_gb"] and r["train_gb"] < r["train_no_checkpointing_gb"]
+    table = _run("benchmarks/build_memory.py")
+    assert "estimate (computed, not measured: no GPU)" in table and "Qwen-Image" in table

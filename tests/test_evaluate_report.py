@@ -13,10 +13,10 @@ import pytest
 from PIL import Image
 
 from trainer.core.errors import UsageError
-from trainer.evaluation.metrics import SCHEMA, Results, ssim
 from trainer.core.prompts import EvalItem, read_prompts
-from trainer.recipes import CATEGORIES, load_recipe
+from trainer.evaluation.metrics import SCHEMA, Results, ssim
 from trainer.evaluation.scorers import NUDENET_INSTALL, nudenet_available
+from trainer.recipes import CATEGORIES, load_recipe
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 needs_nudenet = pytest.mark.skipif(not nudenet_available(),

@@ -6,16 +6,15 @@ import fnmatch
 import json
 import subprocess
 import sys
-import tomllib
 from pathlib import Path
 
 import pytest
+import tomllib
 
-from trainer.resolve import resolve
 from trainer.core.errors import UsageError
 from trainer.core.prompts import read_lines, read_prompts, read_unlearn
-from trainer.recipes import (CATEGORIES, RECIPES_DIR, adapter_filename, keyword_hits, load_recipe, normalise,
-                             shipped_names)
+from trainer.recipes import CATEGORIES, RECIPES_DIR, adapter_filename, keyword_hits, load_recipe, normalise, shipped_names
+from trainer.resolve import resolve
 
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = ["mickey-mouse", "nudity", "van-gogh", "violence"]
@@ -233,7 +232,7 @@ def test_cli_recipes_and_bad_recipe_writes_nothing(cli, tmp_path):
 
 
 def test_model_family(tiny_flux, tmp_path):
-    from trainer.families import model_family
+    from trainer.families.models import model_family
 
     assert model_family("toy") == "flux1" and model_family(str(tiny_flux)) == "flux1"
     import shutil
@@ -285,9 +284,9 @@ steps = 2
 
 def test_build_and_evaluate_with_a_recipe_folder(tiny_flux, tmp_path, cli, single_thread):
     """`build --recipe DIR` takes prompts, concept and defaults from the folder; `evaluate` on the run finds them."""
-    from saferope_engine import load_adapter
-
     from trainer_fixtures import SAFE, UNSAFE
+
+    from saferope_engine import load_adapter
 
     folder = _user_recipe(tmp_path / "zorb", defaults=TINY_DEFAULTS)
     (folder / "unsafe.txt").write_text("".join(f"{u}\t{a}\n" for u, a in UNSAFE))

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from trainer.core.config import RunConfig, diff_fingerprints, fingerprint, init_std, parse_value, rollout_grid, to_toml
-from trainer.resolve import resolve
 from trainer.core.errors import UsageError
 from trainer.core.prompts import read_eval, read_prompts, read_unlearn
+from trainer.resolve import resolve
 
 
 def _toml(path: Path, text: str) -> Path:

@@ -33,20 +33,25 @@ def _is_type_checking(node: ast.If) -> bool:
 
 
 def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """Trainer modules ``name`` imports anywhere (module level and inside functions; not under TYPE_CHECKING),
-    plus the packages that importing them initialises outside ``name``'s own package chain."""
+    """Trainer modules ``name`` imports anywhere (module level and inside functions; not under TYPE_CHECKING).
+
+    ``from pkg import sub`` is an edge to the submodule; ``from pkg import NAME`` (not a submodule) and
+    ``import pkg`` are edges to the package itself, also from inside it; the packages that importing a
+    module initialises on the way count as edges unless they contain ``name`` (Python initialises a
+    module's own packages first, whatever it imports).
+    """
     tree = ast.parse(path.read_text(encoding="utf-8"))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     skip: set[int] = set()
     for node in ast.walk(tree):
         if isinstance(node, ast.If) and _is_type_checking(node):
             skip |= {id(n) for child in node.body for n in ast.walk(child)}
-    targets: set[str] = set()
+    explicit: set[str] = set()
     for node in ast.walk(tree):
         if id(node) in skip:
             continue
         if isinstance(node, ast.Import):
-            targets |= {a.name for a in node.names}
+            explicit |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom):
             if node.level:
                 base = package.split(".")
@@ -54,17 +59,20 @@ def _imports(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
                 mod = ".".join(base + ([node.module] if node.module else []))
             else:
                 mod = node.module or ""
-            targets.add(mod)
-            targets |= {f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in modules}
+            subs = {f"{mod}.{a.name}" for a in node.names if f"{mod}.{a.name}" in modules}
+            explicit |= subs
+            if len(subs) < len(node.names):
+                explicit.add(mod)
     out = set()
     own_chain = {".".join(name.split(".")[:i]) for i in range(1, name.count(".") + 2)}
-    for t in targets:
+    for t in explicit:
         if not t.startswith("trainer"):
             continue
         while t and t not in modules:
             t = t.rpartition(".")[0]
+        out.add(t)
         parts = t.split(".")
-        for i in range(1, len(parts) + 1):  # importing a.b.c initialises a, a.b, a.b.c
+        for i in range(1, len(parts)):  # importing a.b.c initialises a and a.b first
             m = ".".join(parts[:i])
             if m in modules and m not in own_chain:
                 out.add(m)

@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from trainer_fixtures import subprocess_env
-from trainer_fixtures import write_config
+from trainer_fixtures import subprocess_env, write_config
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -101,9 +99,8 @@ def test_resume_refuses_changed_settings(selected, tmp_path, cli):
 
 
 def test_collect_resumes_after_interruption(selected, tiny_flux, tmp_path, cli, monkeypatch):
-    from saferope_engine.subspace import GramAccumulator
-
     import trainer.stages.collect as collect
+    from saferope_engine.subspace import GramAccumulator
 
     cfg_dir = selected.parent
     args = ["-q", "collect", "--config", cfg_dir / "config.toml", "--out", tmp_path / "run",

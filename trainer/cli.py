@@ -11,8 +11,8 @@ import argparse
 import logging
 import os
 import sys
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Sequence
 
 from .commands import COMMANDS
 from .commands.base import Parser
@@ -23,7 +23,8 @@ logger = logging.getLogger("trainer")
 PROG = "python -m trainer"
 
 OVERVIEW = """\
-SafeRoPE trainer: turn prompt lists and a FLUX model into SafeRoPE adapters (.safetensors)
+SafeRoPE trainer: turn prompt lists and a diffusers model (FLUX.1, Flux.2, Chroma, HunyuanImage 2.1,
+Qwen-Image, Z-Image) into SafeRoPE adapters (.safetensors)
 that the ComfyUI nodes and the diffusers integration load.
 
 The usual way: write a config file and run `build`, then `evaluate` and `inspect` the result.
@@ -52,8 +53,10 @@ commands (each has --help with an example):
   inspect   print an adapter's metadata, blocks, heads, rank and generator norms
               python -m trainer inspect runs/red/adapter.safetensors
 
-Models (--model): a local diffusers FLUX folder (FLUX.1-dev/schnell layout), a hub id already in the
-local Hugging Face cache, or `toy`. Nothing is downloaded. Multi-GPU: `accelerate launch -m trainer build …`.
+Models (--model): a local diffusers pipeline folder of a supported family (FluxPipeline, Flux2Pipeline,
+Flux2KleinPipeline, ChromaPipeline, HunyuanImagePipeline, QwenImagePipeline, ZImagePipeline; the family is
+read from model_index.json and the transformer class), a hub id already in the local Hugging Face cache,
+or `toy`. Nothing is downloaded. Multi-GPU: `accelerate launch -m trainer build …`.
 """
 
 

@@ -19,14 +19,17 @@ Adding a family (the checklist — a new family is one new module here plus its 
    order, each with the segments its tokens can carry), ``comfy`` (:class:`ComfySpec`: the
    ComfyUI ``BaseModel`` class names that identify the family — never shapes — and one
    :class:`HostKind` per kind) and ``diffusers`` (:class:`DiffusersSpec`: the transformer class
-   names and one :class:`HostKind` per kind), and ``models`` (the real models' sizes, for the
-   README). Modules whose name starts with ``_`` hold pieces several families share.
+   names, one :class:`HostKind` per kind, the pipeline classes and which of them generate from
+   text), and ``models`` (the real models' sizes, for the README). Modules whose name starts with ``_`` hold pieces several families share.
 3. Nothing else registers it: this package imports every public module in it.
 4. Add the family's tiny models (ComfyUI and diffusers, same weights where ComfyUI has a key map)
    to the family fixtures of the tests (``tests/families.py``); the per-family tests then run
    on it: gate fires only on the synthetic concept, safe prompts bit-identical, strength 0 equals
    base, wrong-family adapters rejected, skipped hooks raise.
 5. Add a row to the README's model-support table.
+6. For the trainer (``python -m trainer``): one module ``trainer/families/<id>.py`` (how to encode
+   prompts, call the transformer for a velocity, pack latents, generate) listed in the table
+   ``trainer.families.FAMILIES``, and a tiny pipeline of the family in ``tests/tiny_families.py``.
 
 Families that cannot be supported are listed in :data:`UNSUPPORTED` with the reason, so the
 error a user sees names the family and why.
@@ -195,13 +198,22 @@ class ComfySpec:
 class DiffusersSpec:
     """How a family appears in diffusers: transformer class names, its kinds, its pipelines.
 
+    ``pipeline_classes``: every diffusers pipeline class (``model_index.json``'s ``_class_name``)
+    that drives a transformer of the family; ``text_to_image``: those of them that generate from a
+    prompt alone, the ones an adapter is built and evaluated with (the trainer loads these).
     ``check_call(args, kwargs)`` may raise for call modes the sites cannot split correctly.
     """
 
     transformer_classes: tuple[str, ...]
     kinds: tuple[HostKind, ...]
     pipeline_classes: tuple[str, ...] = ()
+    text_to_image: tuple[str, ...] = ()
     check_call: Callable[[tuple, Mapping[str, Any]], None] | None = None
+
+    def __post_init__(self) -> None:
+        extra = [p for p in self.text_to_image if p not in self.pipeline_classes]
+        if extra:
+            raise ValueError(f"text_to_image pipelines {extra} are not among pipeline_classes")
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ ARCH = Arch(
     comfy=ComfySpec(model_classes=("Chroma", "ChromaRadiance"), kinds=(COMFY_DOUBLE, COMFY_SINGLE)),
     diffusers=DiffusersSpec(
         transformer_classes=("ChromaTransformer2DModel",),
-        pipeline_classes=("ChromaPipeline", "ChromaImg2ImgPipeline"),
+        pipeline_classes=("ChromaPipeline", "ChromaImg2ImgPipeline"), text_to_image=("ChromaPipeline",),
         kinds=(HostKind("double", "transformer_blocks", ("ChromaTransformerBlock",), DIFFUSERS_DOUBLE_NORMS, "attn.heads"),
                HostKind("single", "single_transformer_blocks", ("ChromaSingleTransformerBlock",), DIFFUSERS_JOINT_NORMS,
                         "attn.heads", length=MODEL_TEXT))),

@@ -16,6 +16,7 @@ ARCH = Arch(
     diffusers=DiffusersSpec(
         transformer_classes=("FluxTransformer2DModel",),
         pipeline_classes=("FluxPipeline", "FluxKontextPipeline", "FluxImg2ImgPipeline"),
+        text_to_image=("FluxPipeline",),
         kinds=(HostKind("double", "transformer_blocks", ("FluxTransformerBlock",), DIFFUSERS_DOUBLE_NORMS, "attn.heads"),
                HostKind("single", "single_transformer_blocks", ("FluxSingleTransformerBlock",), DIFFUSERS_JOINT_NORMS,
                         "attn.heads", length=BLOCK_TEXT))),

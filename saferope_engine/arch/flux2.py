@@ -16,7 +16,7 @@ ARCH = Arch(
     comfy=ComfySpec(model_classes=("Flux2",), kinds=(COMFY_DOUBLE, COMFY_SINGLE)),
     diffusers=DiffusersSpec(
         transformer_classes=("Flux2Transformer2DModel",),
-        pipeline_classes=("Flux2Pipeline", "Flux2KleinPipeline"),
+        pipeline_classes=("Flux2Pipeline", "Flux2KleinPipeline"), text_to_image=("Flux2Pipeline", "Flux2KleinPipeline"),
         kinds=(HostKind("double", "transformer_blocks", ("Flux2TransformerBlock",), DIFFUSERS_DOUBLE_NORMS, "attn.heads"),
                HostKind("single", "single_transformer_blocks", ("Flux2SingleTransformerBlock",), DIFFUSERS_JOINT_NORMS,
                         "attn.heads", length=MODEL_TEXT))),

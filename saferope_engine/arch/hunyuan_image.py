@@ -21,7 +21,7 @@ ARCH = Arch(
         COMFY_DOUBLE, replace(COMFY_SINGLE, flip="double_blocks.0.flipped_img_txt"))),
     diffusers=DiffusersSpec(
         transformer_classes=("HunyuanImageTransformer2DModel",),
-        pipeline_classes=("HunyuanImagePipeline",),
+        pipeline_classes=("HunyuanImagePipeline",), text_to_image=("HunyuanImagePipeline",),
         kinds=(HostKind("double", "transformer_blocks", ("HunyuanImageTransformerBlock",), DIFFUSERS_DOUBLE_NORMS,
                         "attn.heads"),
                HostKind("single", "single_transformer_blocks", ("HunyuanImageSingleTransformerBlock",),

@@ -26,6 +26,7 @@ ARCH = Arch(
     diffusers=DiffusersSpec(
         transformer_classes=("QwenImageTransformer2DModel",),
         pipeline_classes=("QwenImagePipeline", "QwenImageEditPipeline", "QwenImageEditPlusPipeline"),
+        text_to_image=("QwenImagePipeline",),
         kinds=(HostKind("double", "transformer_blocks", ("QwenImageTransformerBlock",), _DIFFUSERS_NORMS, "attn.heads"),)),
     models="Qwen-Image / Qwen-Image-Edit: 60 blocks, 24 heads × 128",
 )

@@ -52,6 +52,7 @@ ARCH = Arch(
                  length=Length("probe", "txt", kind="context_refiner", site="attention.q_norm")))),
     diffusers=DiffusersSpec(
         transformer_classes=("ZImageTransformer2DModel",), pipeline_classes=("ZImagePipeline",),
+        text_to_image=("ZImagePipeline",),
         check_call=_refuse_omni,
         kinds=(
             HostKind("context_refiner", "context_refiner", _D, _diffusers("txt"), "attention.heads"),

@@ -36,7 +36,8 @@ _SELECT = frozenset({"select", "build"})
 
 FLAGS: tuple[Flag, ...] = (
     Flag(("--out", "-o"), "out", "str", "run directory (created; holds every output)", _ALL, "DIR"),
-    Flag(("--model", "-m"), "model", "str", "FLUX folder, cached hub id, or `toy`", _ALL - {"select"}, "MODEL"),
+    Flag(("--model", "-m"), "model", "str", "diffusers pipeline folder (any supported family), cached hub id, or `toy`",
+         _ALL - {"select"}, "MODEL"),
     Flag(("--recipe",), "recipe", "str", "shipped concept recipe (see `recipes`) or a recipe folder: prompts, "
          "concept and per-model-family defaults", _ALL, "NAME|DIR"),
     Flag(("--seed",), "seed", "int", "random seed (default 0)", _STAGES, "N"),
@@ -70,7 +71,8 @@ FLAGS: tuple[Flag, ...] = (
     Flag(("--gradient-checkpointing",), "train.gradient_checkpointing", "true",
          "recompute block activations in backward (less memory, more time)", _TRAIN),
     Flag(("--prompts",), "evaluate.sets", "sets", "evaluation set NAME=FILE (repeatable)", frozenset({"evaluate"}), "NAME=FILE"),
-    Flag(("--adapter", "-a"), "evaluate.adapters", "strs", "adapter file to evaluate (repeatable)", frozenset({"evaluate"}), "FILE"),
+    Flag(("--adapter", "-a"), "evaluate.adapters", "strs", "adapter file to evaluate (repeatable)", frozenset({"evaluate"}),
+         "FILE"),
     Flag(("--seeds",), "evaluate.seeds", "ints", "seeds, e.g. 0,1,2", frozenset({"evaluate"}), "LIST"),
     Flag(("--steps",), "evaluate.steps", "int", "denoising steps per image", frozenset({"evaluate"}), "N"),
     Flag(("--strength",), "evaluate.strength", "float", "adapter strength α (1 = as trained)", frozenset({"evaluate"}), "A"),
@@ -79,7 +81,9 @@ FLAGS: tuple[Flag, ...] = (
          frozenset({"evaluate"}), "DIR"),
     Flag(("--limit",), "evaluate.limit", "int", "only the first N prompts of each set (0 = all)",
          frozenset({"evaluate"}), "N"),
-    Flag(("--guidance",), "guidance", "float", "guidance embedding scale (FLUX.1-dev)", _ALL - {"select"}, "G"),
+    Flag(("--guidance",), "guidance", "float",
+         "guidance embedding scale (FLUX.1-dev, Flux.2 dev); in generation the pipeline's guidance scale",
+         _ALL - {"select"}, "G"),
 )
 
 

@@ -23,12 +23,14 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
 
 def register(sub) -> None:
     p = add_command(sub, "generate", summary="one image with SafeRoPE adapters applied (same math as the nodes)",
-                    description="Generate one image with the model's FluxPipeline, with zero or more adapters applied\n"
+                    description="Generate one image with the model's own pipeline (its family's), with zero or\n"
+                                "more adapters applied "
                                 "through the diffusers integration (each with its own strength). Without --adapter it\n"
                                 "shows the base model, for comparison at the same seed.",
                     example='python -m trainer generate --model toy --adapter runs/red/adapter.safetensors \\\n'
                             '    --prompt "a red circle on a plain background" --seed 3 --out red-protected.png')
-    p.add_argument("--model", "-m", required=True, help="FLUX folder, cached hub id, or `toy`")
+    p.add_argument("--model", "-m", required=True,
+                   help="diffusers pipeline folder (any supported family), cached hub id, or `toy`")
     p.add_argument("--adapter", "-a", action="append", default=[], metavar="FILE",
                    help="adapter .safetensors (repeatable: applied in order)")
     p.add_argument("--strength", action="append", type=float, default=None, metavar="A",
@@ -37,10 +39,12 @@ def register(sub) -> None:
     p.add_argument("--prompt", "-p", required=True, help="the prompt")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--steps", type=int, default=28, help="denoising steps (default 28; schnell: 4)")
-    p.add_argument("--guidance", type=float, default=3.5, help="guidance scale (FLUX.1-dev; default 3.5)")
+    p.add_argument("--guidance", type=float, default=3.5,
+                   help="guidance scale, as the family's pipeline takes it (FLUX.1: the embedding; Qwen-Image: true CFG; "
+                        "default 3.5)")
     p.add_argument("--height", type=int, default=0, help="pixels (default: the VAE's sample size)")
     p.add_argument("--width", type=int, default=0, help="pixels (default: the VAE's sample size)")
-    p.add_argument("--max-sequence-length", type=int, default=0, help="T5 tokens (default: the tokenizer's limit)")
+    p.add_argument("--max-sequence-length", type=int, default=0, help="text tokens (default: the family's length)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"), help="weights dtype")
     p.add_argument("--out", "-o", required=True, help="image file to write (.png, .jpg, .webp)")
@@ -80,7 +84,7 @@ def run(args: argparse.Namespace) -> int:
     runtime = make_runtime(args.device, "no")
     pipe = load_pipeline(info, args.dtype, runtime.device)
     with applied(pipe.transformer, adapters, strengths, args.threshold):
-        image = generate_images(pipe, [args.prompt], [args.seed], steps=args.steps, guidance=args.guidance,
+        image = generate_images(info, pipe, [args.prompt], [args.seed], steps=args.steps, guidance=args.guidance,
                                 height=h, width=w, max_len=max_len)[0]
     atomic_save_image(image, out)
     print(f"wrote {out} ({w}×{h}, seed {args.seed}, {len(adapters)} adapter(s))")

@@ -19,11 +19,13 @@ import dataclasses
 import json
 import math
 import re
-import tomllib
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar
+
+import tomllib
 
 from ..stages import objectives
 from .errors import UsageError
@@ -172,7 +174,8 @@ class CollectConfig(_Checked):
 
     _prefix: ClassVar[str] = "collect."
     sigmas: list[float] = _f(factory=lambda: [1.0, 0.8, 0.6, 0.4], nonempty=True, **_SIGMA)  # noise levels observed
-    latents: str = _f("trajectory", choices=("trajectory", "noise"))  # trajectory: Euler steps of the base model through `sigmas`; noise: random x0
+    # trajectory: Euler steps of the base model through `sigmas`; noise: random x0
+    latents: str = _f("trajectory", choices=("trajectory", "noise"))
     samples_per_prompt: int = _f(1, **_POS)  # noise draws per prompt
     batch_size: int = _f(4, **_POS)
     segments: list[str] = _f(factory=lambda: ["txt"], **_SEGMENTS)  # token segments accumulated (txt, img)
@@ -188,10 +191,15 @@ class SelectConfig(_Checked):
     count: int = _f(8, **_NONNEG)  # keep the N best heads over all blocks
     fraction: float = _f(0.0, ge=0.0, le=1.0)  # keep this share of all heads
     margin: float = _f(float("nan"), unset_nan=True)  # keep heads with d ≥ margin (NaN = unused)
-    kinds: list[str] = _f(factory=lambda: ["double", "single"], choices=("double", "single"), nonempty=True,
+    # block kinds heads may come from; kinds the model lacks are skipped (at least one must remain). The
+    # model family's own kinds: FLUX.1, Flux.2, Chroma, HunyuanImage: double, single; Qwen-Image: double;
+    # Z-Image: context_refiner, noise_refiner, main
+    kinds: list[str] = _f(factory=lambda: ["double", "single"], pattern=r"[a-z][a-z0-9_]{0,63}",
+                          pattern_help="a block kind name (lower-case letters, digits, '_')", nonempty=True,
                           distinct=True)
     segment: str = _f("txt", choices=("txt", "img"))  # segment whose statistics score the heads and give the bases
-    basis: str = _f("contrast", choices=("contrast", "unsafe"))  # contrast: top eigenvectors of G_u/n_u − w·G_s/n_s | unsafe: of G_u (the authors')
+    # contrast: top eigenvectors of G_u/n_u − w·G_s/n_s | unsafe: of G_u (the authors')
+    basis: str = _f("contrast", choices=("contrast", "unsafe"))
     contrast_weight: float = _f(1.0, ge=0.0, le=1.0)  # w in [0, 1]: 1 = pure contrast, 0 = the unsafe Gram
 
 
@@ -204,14 +212,20 @@ class TrainConfig(_Checked):
     batch_size: int = _f(2, **_POS)
     lr: float = _f(5e-3, gt=0.0)
     weight_decay: float = _f(0.0, ge=0.0)
-    unlearn: str = _f("anchor", choices=objectives.choices("unlearn"))  # anchor (paired safe rewrites) | deviate (the authors') | none
-    preserve: str = _f("distill", choices=objectives.choices("preserve"))  # distill (no images) | flow (image-caption folder) | none
+    # anchor (paired safe rewrites) | deviate (the authors') | none
+    unlearn: str = _f("anchor", choices=objectives.choices("unlearn"))
+    # distill (no images) | flow (image-caption folder) | none
+    preserve: str = _f("distill", choices=objectives.choices("preserve"))
     lambda_unlearn: float = _f(1.0, ge=0.0)
     lambda_preserve: float = _f(1.0, ge=0.0)
     threshold: float = _f(0.5, ge=0.0, lt=1.0)  # τ stored in the adapter and used while training
     double_segments: list[str] = _f(factory=lambda: ["txt"], **_SEGMENTS)  # generators of double blocks
     single_segments: list[str] = _f(factory=lambda: ["txt"], **_SEGMENTS)  # generators of single blocks
-    init_std: float = _f(float("nan"), ge=0.0, unset_nan=True)  # W ~ N(0, init_std²); NaN = auto (0 = identity; deviate needs > 0: 0.1)
+    # generators per block kind, for any kind (wins over double/single_segments); a kind named in neither
+    # gets text generators if it sees text tokens (Z-Image: context_refiner and main)
+    segments: dict[str, list[str]] = _f(factory=dict, **_SEGMENTS)
+    # W ~ N(0, init_std²); NaN = auto (0 = identity; deviate needs > 0: 0.1)
+    init_std: float = _f(float("nan"), ge=0.0, unset_nan=True)
     unlearn_sigmas: list[float] = _f(factory=lambda: [0.75, 1.0], **_SIGMA)  # [min, max] noise level
     preserve_sigmas: list[float] = _f(factory=lambda: [0.25, 1.0], **_SIGMA)
     latents: str = _f("rollout", choices=("rollout", "noise"))  # rollout: base-model Euler steps from noise; noise: x0 ~ N(0, I)
@@ -244,7 +258,7 @@ class EvaluateConfig(_Checked):
 class RunConfig(_Checked):
     """Everything one run needs. Top-level keys describe the model and the run directory."""
 
-    model: str = ""  # local diffusers FLUX folder, a hub id in the local cache, or "toy"
+    model: str = ""  # local diffusers pipeline folder of a supported family, a hub id in the local cache, or "toy"
     recipe: str = ""  # shipped recipe name or recipe folder (trainer.recipes): prompts, concept, defaults
     out: str = _f("", path=True)  # run directory
     concepts: list[str] = field(default_factory=list)  # recorded in the adapter, e.g. ["nudity"]
@@ -253,10 +267,10 @@ class RunConfig(_Checked):
     device: str = _f("auto", pattern=r"auto|cpu|mps|cuda(:[0-9]+)?", pattern_help="auto, cpu, cuda or cuda:N")
     dtype: str = _f("float32", choices=("float32", "bfloat16", "float16"))  # weights
     mixed_precision: str = _f("no", choices=("no", "fp16", "bf16"))  # Accelerate autocast
-    max_sequence_length: int = _f(0, **_NONNEG)  # T5 tokens; 0 = tokenizer_2's limit
-    height: int = _f(0, **_NONNEG)  # pixels; 0 = the VAE config's sample_size
+    max_sequence_length: int = _f(0, **_NONNEG)  # text tokens; 0 = the family's default (FLUX.1: T5's limit)
+    height: int = _f(0, **_NONNEG)  # pixels; 0 = the VAE config's sample_size (none: the pipeline's default)
     width: int = _f(0, **_NONNEG)
-    guidance: float = _f(3.5, ge=0.0)  # guidance embedding (FLUX.1-dev); ignored by models without one
+    guidance: float = _f(3.5, ge=0.0)  # guidance embedding (FLUX.1-dev, Flux.2 dev); generation: the pipeline's scale
     prompts: PromptsConfig = field(default_factory=PromptsConfig)
     collect: CollectConfig = field(default_factory=CollectConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
@@ -275,6 +289,8 @@ class RunConfig(_Checked):
 # Parsing and validation
 # ---------------------------------------------------------------------------------------------
 def _type_name(tp: Any) -> str:
+    if tp is str:
+        return "strings"
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
@@ -287,9 +303,10 @@ def _coerce(key: str, value: Any, tp: Any) -> Any:
             raise UsageError(f"config key {key!r}: expected a list of {_type_name(item)}, got {value!r}")
         return [_coerce(f"{key}[{i}]", v, item) for i, v in enumerate(value)]
     if origin is dict:
+        _, item = typing.get_args(tp)
         if not isinstance(value, Mapping):
-            raise UsageError(f"config key {key!r}: expected a table of strings, got {value!r}")
-        return {str(k): _coerce(f"{key}.{k}", v, str) for k, v in value.items()}
+            raise UsageError(f"config key {key!r}: expected a table of {_type_name(item)}, got {value!r}")
+        return {str(k): _coerce(f"{key}.{k}", v, item) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise UsageError(f"config key {key!r}: expected true or false, got {value!r}")
@@ -388,7 +405,7 @@ def validate(cfg: RunConfig) -> None:
                          f"{cfg.collect.segments} does not collect it")
     if "txt" not in cfg.collect.segments:
         raise UsageError("config key 'collect.segments' must include 'txt' (the bases come from text tokens)")
-    if not cfg.train.double_segments and not cfg.train.single_segments:
+    if not cfg.train.double_segments and not cfg.train.single_segments and not any(cfg.train.segments.values()):
         raise UsageError("config keys 'train.double_segments' and 'train.single_segments' are both empty")
     s = cfg.select
     if s.count == 0 and s.fraction == 0.0 and math.isnan(s.margin):

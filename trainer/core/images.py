@@ -17,7 +17,6 @@ from torch import Tensor
 
 from .errors import UsageError
 
-
 logger = logging.getLogger(__name__)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")

@@ -10,8 +10,9 @@ pass a folder written by ``save_pretrained`` (e.g. a snapshot of openai/clip-vit
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 from ..core.errors import UsageError
 

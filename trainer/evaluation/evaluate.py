@@ -24,8 +24,9 @@ file once.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -65,10 +66,15 @@ class GateRecorder:
                                     return_risk=True)
             if risk is None:
                 continue
-            gated = risk[1].flatten(1).any(1).cpu()  # (B, n, L) gate -> (B,)
-            if self.flags is None or self.flags.shape[0] != gated.shape[0]:
+            gated = risk[1].flatten(1).any(1).cpu()  # (B', n, L) gate -> (B',)
+            if self.flags is None:
                 self.reset(gated.shape[0])
-            self.flags |= gated
+            B = self.flags.shape[0]
+            if gated.shape[0] % B:
+                raise RuntimeError(f"internal: a transformer call of {gated.shape[0]} rows for {B} prompts")
+            # classifier-free guidance may batch the prompts with their negatives ([prompts, negatives]):
+            # a prompt's row is gated if any of its copies is
+            self.flags |= gated.view(-1, B).any(0)  # (k·B,) -> (k, B) -> (B,)
 
 
 def _variant_names(paths: Sequence[str]) -> list[str]:
@@ -124,7 +130,7 @@ def run_evaluation(cfg: RunConfig, *, stack: bool = False) -> int:
         base_arrays: list[np.ndarray] = []
         set_metrics: dict[str, Any] = {}
         for variant, stack in variants:
-            images, gated = _run_variant(pipe, jobs, stack, cfg, h, w, max_len, runtime)
+            images, gated = _run_variant(info, pipe, jobs, stack, cfg, h, w, max_len, runtime)
             if not runtime.is_main:  # the main process has gathered this process's images
                 continue
             arrays = [np.asarray(im) for im in images]
@@ -178,7 +184,7 @@ def run_evaluation(cfg: RunConfig, *, stack: bool = False) -> int:
     return 0
 
 
-def _run_variant(pipe, jobs, stack, cfg: RunConfig, h: int, w: int, max_len: int,
+def _run_variant(info, pipe, jobs, stack, cfg: RunConfig, h: int, w: int, max_len: int,
                  runtime=None) -> tuple[list, list[bool]]:
     """Images and gate flags of ``jobs`` (in job order) with ``stack`` applied.
 
@@ -203,7 +209,7 @@ def _run_variant(pipe, jobs, stack, cfg: RunConfig, h: int, w: int, max_len: int
                 chunk = [jobs[i] for i in batch]
                 if recorder:
                     recorder.reset(len(chunk))
-                images += generate_images(pipe, [item.prompt for _, item, _ in chunk], [s for _, _, s in chunk],
+                images += generate_images(info, pipe, [item.prompt for _, item, _ in chunk], [s for _, _, s in chunk],
                                           steps=e.steps, guidance=cfg.guidance, height=h, width=w, max_len=max_len)
                 gated += recorder.flags.tolist() if recorder else [False] * len(chunk)
         finally:

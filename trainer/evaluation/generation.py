@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -21,13 +21,25 @@ from ..families.models import ModelInfo
 
 
 def load_adapters(paths: Sequence[str], info: ModelInfo) -> list[SafeRoPEAdapter]:
-    """Load and check each adapter against the model's shapes (before any model is loaded)."""
+    """Load and check each adapter against the model's shapes (before any model is loaded); an adapter of
+    another model (family, heads or blocks) is bad input: a :class:`UsageError` naming both."""
+    from saferope_engine.errors import IncompatibleAdapterError
+
     adapters = []
     for path in paths:
         adapter = load_adapter(path)
-        adapter.check_compatible(info.shapes)
+        try:
+            adapter.check_compatible(info.shapes)
+        except IncompatibleAdapterError as e:
+            raise UsageError(f"{e} (MODEL {info.spec!r} is {arch_label(info.family)})") from None
         adapters.append(adapter)
     return adapters
+
+
+def arch_label(family: str) -> str:
+    from saferope_engine import arch
+
+    return arch.get(family).label()
 
 
 def check_strengths(given: Sequence[float] | None) -> None:
@@ -62,11 +74,12 @@ def applied(transformer, adapters: Sequence[SafeRoPEAdapter], strengths: Sequenc
             h.remove()
 
 
-def generate_images(pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int, guidance: float,
-                    height: int, width: int, max_len: int) -> list:
-    """PIL images for ``prompts[i]`` with noise seed ``seeds[i]`` (CPU generators: device-independent)."""
+def generate_images(info: ModelInfo, pipe, prompts: Sequence[str], seeds: Sequence[int], *, steps: int,
+                    guidance: float, height: int, width: int, max_len: int) -> list:
+    """PIL images for ``prompts[i]`` with noise seed ``seeds[i]`` (CPU generators: device-independent), through
+    the family's own pipeline call (:meth:`trainer.families.base.Family.generate`)."""
+    from ..families.models import family_of
+
     gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
-    with torch.no_grad():
-        out = pipe(prompt=list(prompts), generator=gens, num_inference_steps=steps, guidance_scale=guidance,
-                   height=height, width=width, max_sequence_length=max_len, output_type="pil")
-    return list(out.images)
+    return family_of(info).generate(pipe, prompts, gens, steps=steps, guidance=guidance, height=height, width=width,
+                                    max_len=max_len)

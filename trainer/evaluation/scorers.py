@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol, Sequence, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from ..core.errors import UsageError
 

@@ -1,48 +1,36 @@
-"""Model families: which architecture a ``--model`` is, as the id that recipes key their defaults by.
+"""Model families: the trainer side of each family of the engine's registry, and which family a model is.
 
-The ids are the engine's registry (:mod:`saferope_engine.arch`); recipes
-(``trainer/recipes/*/recipe.toml``) hold per-family defaults in tables named by them.
-:func:`model_family` is the one place that decides a model's family: the transformer class named
-in the folder's config, looked up in the registry.
+:data:`FAMILIES` maps each registry id (:mod:`saferope_engine.arch`) to its trainer module's
+:class:`~.base.Family` — how that family's pipeline encodes prompts, how its transformer is called
+for a velocity, how its latents are packed, how it generates. It is the only place that knows
+the entries; recipes (``trainer/recipes/*/recipe.toml``) key per-family defaults by these ids.
+
+:func:`.models.model_family` is the one place that decides a model's family: from the folder
+itself — ``model_index.json``'s pipeline class and the transformer class, looked up in the
+engine's registry (:func:`.models.resolve_model`) — never from a flag the user must get right.
+
+Adding a family: the engine module (``saferope_engine/arch/<id>.py``), one module here with
+``FAMILY = <Family subclass>()`` added to the table below, and a tiny pipeline of the family in
+``tests/tiny_families.py``.
 """
 
 from __future__ import annotations
 
-import json
-import logging
-
 from saferope_engine import arch
 
-from ..core.errors import UsageError
+from . import chroma, flux1, flux2, hunyuan_image, qwen_image, z_image
+from .base import Family
 
-logger = logging.getLogger(__name__)
-
-#: Family ids recipes may key defaults by, with what each one names (from the engine's registry).
-FAMILIES: dict[str, str] = {a.id: a.name for a in arch.arches()}
-
-#: Families the trainer can load today.
-SUPPORTED: tuple[str, ...] = ("flux1",)
+#: The trainer's family modules by registry id (the only place that knows them).
+FAMILIES: dict[str, Family] = {m.FAMILY.id: m.FAMILY for m in (flux1, flux2, chroma, hunyuan_image, qwen_image,
+                                                                 z_image)}
+if set(FAMILIES) != set(arch.ids()):  # pragma: no cover - a registry family without a trainer module
+    raise ImportError(f"trainer families {sorted(FAMILIES)} differ from the engine's registry {sorted(arch.ids())}")
 
 
-def model_family(spec: str) -> str:
-    """The family id of ``--model`` ``spec`` (a diffusers folder, a cached hub id, or ``toy``).
+def family(family_id: str) -> Family:
+    """The trainer module of a registry id."""
+    return FAMILIES[family_id]
 
-    Today this returns ``"flux1"`` for a FLUX.1 diffusers folder (the shipped toy model is one)
-    and raises :class:`~trainer.core.errors.UsageError` for anything else. It is the single hook the
-    model-families work extends: when the trainer learns a new architecture, this function
-    starts returning its id from :data:`FAMILIES`, and every recipe's ``[defaults.<id>]`` table
-    applies to it without further changes.
-    """
-    from .models import resolve_model
 
-    info = resolve_model(spec, need=("transformer",))  # the folder exists and parses as FLUX
-    config = info.path / "transformer" / "config.json"
-    try:
-        cls = json.loads(config.read_text(encoding="utf-8")).get("_class_name")
-    except (OSError, json.JSONDecodeError):  # resolve_model read it a moment ago
-        cls = None
-    if cls is not None and cls not in arch.get("flux1").diffusers.transformer_classes:
-        raise UsageError(f"MODEL {spec!r}: transformer class {cls!r} is not a FLUX.1 transformer; the trainer "
-                         f"supports the families {', '.join(SUPPORTED)} for now")
-    logger.debug("model %s: family flux1", spec)
-    return "flux1"
+__all__ = ["FAMILIES", "Family", "family"]

@@ -1,10 +1,17 @@
 """Text embeddings of prompt lists, computed once with the pipeline's encoders and cached.
 
-Each prompt list gets a file ``cache/text-<hash>.safetensors`` in the run directory holding
-``embeds`` ``(N, L, C)`` (T5), ``pooled`` ``(N, P)`` (CLIP) and ``mask`` ``(N, L)`` (true for real,
-non-padding T5 tokens). The hash covers the model's text encoders and tokenizers, the prompts,
-the sequence length and the dtype, so a changed input never reuses a stale file. Rows are read
-lazily from the file, so memory does not grow with the number of prompts.
+Each prompt list gets a file ``cache/text-<hash>.safetensors`` in the run directory holding the
+named tensors the model's family encodes a prompt into (:meth:`trainer.families.base.Family.encode`):
+always ``embeds`` ``(N, L, C)`` and ``mask`` ``(N, L)`` (true for real, non-padding tokens), and what
+else the family's transformer takes (FLUX.1: CLIP's ``pooled`` ``(N, P)``; HunyuanImage: ByT5's
+``embeds_2``/``mask_2``; Chroma: its attention mask ``attn``). Encoders that return a length per
+batch (Qwen-Image, Z-Image) are padded to the list's longest, masked. The hash covers the model's
+text encoders and tokenizers, the prompts, the sequence length and the dtype, so a changed input
+never reuses a stale file. Rows are read lazily from the file, so memory does not grow with the
+number of prompts.
+
+The text encoders are loaded for the encoding only and freed before anything else is loaded: a
+run never holds a text encoder and the transformer at the same time.
 """
 
 from __future__ import annotations
@@ -14,31 +21,16 @@ import hashlib
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
-from .models import ModelInfo, load_pipeline
 from ..core.runtime import Runtime
+from .base import ModelInfo, TextBatch
+from .models import family_of, load_pipeline
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class TextBatch:
-    """Encoded prompts: ``embeds`` (B, L, C), ``pooled`` (B, P), ``mask`` (B, L) bool."""
-
-    embeds: Tensor
-    pooled: Tensor
-    mask: Tensor
-
-    def to(self, device, dtype) -> "TextBatch":
-        return TextBatch(self.embeds.to(device, dtype), self.pooled.to(device, dtype), self.mask.to(device))
-
-    def __len__(self) -> int:
-        return int(self.embeds.shape[0])
 
 
 class EmbeddingTable:
@@ -49,6 +41,7 @@ class EmbeddingTable:
 
         self.path, self.prompts = path, prompts
         self._f = safe_open(str(path), framework="pt", device="cpu")
+        self.names = sorted(self._f.keys())
         self.seq_len = int(self._f.get_slice("embeds").get_shape()[1])
 
     def __len__(self) -> int:
@@ -56,13 +49,12 @@ class EmbeddingTable:
 
     def rows(self, indices: list[int]) -> TextBatch:
         """The encodings of ``prompts[i]`` for ``i`` in ``indices`` (CPU tensors)."""
-        parts = {name: [self._f.get_slice(name)[i:i + 1] for i in indices] for name in ("embeds", "pooled", "mask")}
-        return TextBatch(torch.cat(parts["embeds"]), torch.cat(parts["pooled"]), torch.cat(parts["mask"]).bool())
+        return TextBatch({name: torch.cat([self._f.get_slice(name)[i:i + 1] for i in indices]) for name in self.names})
 
 
 def cache_key(info: ModelInfo, prompts: list[str], max_len: int, dtype: str) -> str:
-    payload = json.dumps({"model": info.identity(), "prompts": prompts, "max_len": max_len, "dtype": dtype},
-                         sort_keys=True)
+    payload = json.dumps({"model": info.identity(family_of(info).text_parts), "prompts": prompts, "max_len": max_len,
+                          "dtype": dtype}, sort_keys=True)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
@@ -79,7 +71,7 @@ def encode_sets(info: ModelInfo, sets: dict[str, list[str]], *, max_len: int, dt
             try:
                 for name, prompts in todo.items():
                     logger.info("encoding %d %s prompts (max_sequence_length %d)", len(prompts), name, max_len)
-                    _encode_to_file(pipe, prompts, max_len, runtime.device, paths[name], batch_size)
+                    _encode_to_file(info, pipe, prompts, max_len, runtime.device, paths[name], batch_size)
             finally:
                 del pipe
                 gc.collect()
@@ -88,20 +80,40 @@ def encode_sets(info: ModelInfo, sets: dict[str, list[str]], *, max_len: int, dt
     return {name: EmbeddingTable(paths[name], prompts) for name, prompts in sets.items()}
 
 
+def pad_rows(parts: list[Tensor]) -> Tensor:
+    """Concatenate batches along dim 0, zero-padding dim 1 (the text length) to the longest (masks: false)."""
+    if parts[0].ndim < 2:
+        return torch.cat(parts)
+    L = max(p.shape[1] for p in parts)
+    out = []
+    for p in parts:
+        if p.shape[1] < L:
+            pad = torch.zeros((p.shape[0], L - p.shape[1], *p.shape[2:]), dtype=p.dtype)
+            p = torch.cat([p, pad], dim=1)
+        out.append(p)
+    return torch.cat(out)
+
+
 @torch.no_grad()
-def _encode_to_file(pipe, prompts: list[str], max_len: int, device, path: Path, batch_size: int) -> None:
+def _encode_to_file(info: ModelInfo, pipe, prompts: list[str], max_len: int, device, path: Path,
+                    batch_size: int) -> None:
     from safetensors.torch import save_file
 
-    embeds, pooled, masks = [], [], []
+    family = family_of(info)
+    parts: dict[str, list[Tensor]] = {}
     for i in range(0, len(prompts), batch_size):
         chunk = prompts[i:i + batch_size]
-        e, p, _ = pipe.encode_prompt(prompt=chunk, prompt_2=chunk, device=device, max_sequence_length=max_len)
-        tok = pipe.tokenizer_2(chunk, padding="max_length", max_length=max_len, truncation=True, return_tensors="pt")
-        embeds.append(e.cpu())
-        pooled.append(p.cpu())
-        masks.append(tok.attention_mask.bool())
-    tensors = {"embeds": torch.cat(embeds).contiguous(), "pooled": torch.cat(pooled).contiguous(),
-               "mask": torch.cat(masks).contiguous()}
+        encoded = family.encode(pipe, list(chunk), max_len=max_len, device=device)
+        if "embeds" not in encoded or "mask" not in encoded:
+            raise RuntimeError(f"internal: {type(family).__name__}.encode gave {sorted(encoded)}, not embeds and mask")
+        if parts and set(encoded) != set(parts):
+            raise RuntimeError(f"internal: {type(family).__name__}.encode gave other tensors for another batch")
+        for name, t in encoded.items():
+            if t.shape[0] != len(chunk):
+                raise RuntimeError(f"internal: {name} has {t.shape[0]} rows for {len(chunk)} prompts")
+            parts.setdefault(name, []).append(t.cpu())
+    tensors = {name: pad_rows(p).contiguous() for name, p in parts.items()}
     tmp = path.with_name(f".{path.name}.tmp")
-    save_file(tensors, str(tmp), metadata={"count": str(len(prompts)), "max_sequence_length": str(max_len)})
+    save_file(tensors, str(tmp), metadata={"count": str(len(prompts)), "max_sequence_length": str(max_len),
+                                           "family": info.family})
     os.replace(tmp, path)

@@ -25,7 +25,7 @@ A recipe is a folder with a ``recipe.toml`` and prompt files::
 
 The recipe sits between the trainer's defaults and everything else: defaults ← recipe (its
 prompts, concept, evaluation sets and scorers, and the ``[defaults.<family>]`` table of the
-model's family, :func:`trainer.families.model_family`) ← the run directory's stored config ←
+model's family, :func:`trainer.families.models.model_family`) ← the run directory's stored config ←
 ``--config`` file ← flags. A recipe named on the command line that differs from the one a run
 directory was built with sits above the stored config (so ``evaluate --recipe other`` on a run
 uses the other recipe's prompt sets).
@@ -319,7 +319,7 @@ def recipe_layers(stored: Mapping[str, Any] | None, file_data: Mapping[str, Any]
     model = overrides.get("model") or file_data.get("model") or stored.get("model") or ""
     family = None
     if isinstance(model, str) and model:
-        from ..families import model_family
+        from ..families.models import model_family
 
         family = model_family(model)
     layers: tuple[Layer, ...] = ((recipe.layer(), None), (recipe.family_defaults(family), recipe.folder))

@@ -3,7 +3,8 @@
 The frozen transformer runs on the unsafe and the safe prompts at the configured noise levels,
 and :func:`saferope_engine.diffusers.observe_qk` streams every block's ``q``/``k`` into
 :class:`~saferope_engine.subspace.GramAccumulator` — one ``(H, D, D)`` Gram per block, q|k and
-segment, T5 padding tokens excluded — so memory does not depend on the number of prompts.
+segment, text padding excluded (the real tokens each site sees: ``Family.site_mask``) — so memory
+does not depend on the number of prompts.
 
 Latents: ``trajectory`` starts from noise and takes one Euler step of the base model from each
 listed σ to the next (the states a sampler visits); ``noise`` mixes random ``x₀`` and noise at
@@ -32,13 +33,13 @@ import torch
 from saferope_engine.subspace import GramAccumulator
 
 from ..core.config import RunConfig, diff_fingerprints, fingerprint
-from ..families.text import EmbeddingTable
 from ..core.errors import UsageError
-from ..families.flux1 import FluxCaller
-from ..families.models import ModelInfo
 from ..core.progress import progress_bar
 from ..core.rundir import DamagedFileError, RunDir, safetensors_header
 from ..core.runtime import Runtime
+from ..families.base import Caller, ModelInfo
+from ..families.models import family_of
+from ..families.text import EmbeddingTable
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +97,8 @@ def verify_stats(path: Path) -> StatsState:
         acc = GramAccumulator.load(path)
     except SafeRoPEError as e:
         raise DamagedFileError(str(e)) from None
-    shape = (acc.num_heads, acc.head_dim, acc.head_dim)
     for key, g in acc.grams.items():
+        shape = (acc.heads_of(key[2]), acc.head_dim, acc.head_dim)
         if tuple(g.shape) != shape or not bool(torch.isfinite(g).all()) or acc.counts.get(key, -1) < 0:
             raise DamagedFileError(f"{path}: Gram {'.'.join(map(str, key))} is malformed (shape {tuple(g.shape)}, "
                                    f"count {acc.counts.get(key)}) or not finite")
@@ -157,19 +158,28 @@ def step_seed(*parts: Any) -> int:
 
 
 def _canonical_keys(info: ModelInfo, segments: list[str]) -> list[tuple[str, int, str, str]]:
+    """Every statistics key the model can have (kinds that never see a segment are skipped)."""
+    from saferope_engine import arch
+
+    kinds = {k.name: k for k in arch.get(info.family).kinds}
     keys = []
     for kind, n in info.shapes.blocks.items():
-        keys += [(kind, i, w, s) for i in range(n) for w in ("q", "k") for s in segments]
+        keys += [(kind, i, w, s) for i in range(n) for w in ("q", "k") for s in segments if s in kinds[kind].segments]
     return keys
+
+
+def _accumulator(info: ModelInfo, device="cpu") -> GramAccumulator:
+    s = info.shapes
+    return GramAccumulator(s.num_heads, s.head_dim, num_kv_heads=s.num_kv_heads, device=device)
 
 
 def _reduce_into(total: GramAccumulator, local: GramAccumulator, keys, runtime: Runtime) -> None:
     """Sum ``local`` over processes into ``total`` (CPU) and clear ``local``."""
-    H, D = local.num_heads, local.head_dim
+    D = local.head_dim
     for key in keys:
         g = local.grams.get(key)
         if g is None:
-            g = torch.zeros(H, D, D, dtype=local.dtype, device=local.device)
+            g = torch.zeros(local.heads_of(key[2]), D, D, dtype=local.dtype, device=local.device)
         n = torch.tensor([float(local.counts.get(key, 0))], dtype=torch.float64, device=local.device)
         runtime.all_reduce_([g, n], op="sum")
         count = int(n.item())
@@ -187,7 +197,7 @@ def _reduce_into(total: GramAccumulator, local: GramAccumulator, keys, runtime: 
 
 
 def run_collect(cfg: RunConfig, info: ModelInfo, runtime: Runtime, tables: dict[str, EmbeddingTable],
-                transformer, caller: FluxCaller, run: RunDir,
+                transformer, caller: Caller, run: RunDir,
                 sources: dict[str, Path | None] | None = None) -> dict[str, Any]:
     """Collect (or continue collecting) both prompt sets into ``run``'s statistics files; returns metrics.
 
@@ -202,14 +212,16 @@ def run_collect(cfg: RunConfig, info: ModelInfo, runtime: Runtime, tables: dict[
     sigmas = sorted(set(c.sigmas), reverse=True)
     grid = sorted(set([1.0] + sigmas), reverse=True) if c.latents == "trajectory" else sigmas
     metrics: dict[str, Any] = {"sigmas": sigmas, "latents": c.latents}
-    state = {"mask": None, "observe": False, "acc": None}
+    state = {"text": None, "observe": False, "acc": None}
+    family = family_of(info)
 
     def observer(kind: str, index: int, which: str, x, txt_len: int, img_first: bool) -> None:  # x: (B, H, L, D)
         if not state["observe"]:
             return
-        mask = state["mask"]  # (B, L_txt) bool: real T5 tokens
-        state["acc"].add(kind, index, which, x, txt_len=txt_len, img_first=img_first,
-                         txt_mask=mask if txt_len else None, segments=c.segments)  # an image stream has no text
+        # (B, txt_len) bool: the real text tokens this site sees (an image stream has none)
+        mask = family.site_mask(state["text"], txt_len).to(x.device) if txt_len else None
+        state["acc"].add(kind, index, which, x, txt_len=txt_len, img_first=img_first, txt_mask=mask,
+                         segments=c.segments)
 
     run.stats.mkdir(parents=True, exist_ok=True)
     handle = observe_qk(transformer, observer)
@@ -220,7 +232,7 @@ def run_collect(cfg: RunConfig, info: ModelInfo, runtime: Runtime, tables: dict[
             n = len(table)
             batches = math.ceil(n / c.batch_size)
             st = read_state(source) if source is not None else None
-            total = GramAccumulator(info.num_heads, info.head_dim)
+            total = _accumulator(info)
             start = 0
             keep_current = source == path  # the newest save is intact: keep it as the previous one
             if st is not None:
@@ -230,18 +242,18 @@ def run_collect(cfg: RunConfig, info: ModelInfo, runtime: Runtime, tables: dict[
                         _save_stats(total, path, previous, stats_metadata(source), keep_current=False)
                     runtime.barrier()
                     logger.info("collect %s: already complete (%s)", name, source)
-                    metrics[name] = _summary(total, n)
+                    metrics[name] = _summary(total, n, info)
                     continue
                 start = st.next_batch
                 logger.info("collect %s: resuming at batch %d/%d from %s", name, start, batches, source.name)
-            local = GramAccumulator(info.num_heads, info.head_dim, device=runtime.device)
+            local = _accumulator(info, runtime.device)
             state["acc"] = local
             bar = progress_bar(total=batches, initial=start, desc=f"collect {name}", enabled=runtime.is_main)
             for b in range(start, batches):
                 if b % runtime.num_processes == runtime.process_index:
                     idx = list(range(b * c.batch_size, min(n, (b + 1) * c.batch_size)))
                     text = table.rows(idx).to(runtime.device, caller.dtype)
-                    state["mask"] = text.mask
+                    state["text"] = text
                     for sample in range(c.samples_per_prompt):
                         gen = torch.Generator().manual_seed(step_seed(cfg.seed, "collect", name, b, sample))
                         _observe_sample(caller, text, gen, grid, sigmas, c.latents, state, runtime)
@@ -258,14 +270,14 @@ def run_collect(cfg: RunConfig, info: ModelInfo, runtime: Runtime, tables: dict[
                     runtime.barrier()
                 bar.update(1)
             bar.close()
-            metrics[name] = _summary(total, n)
+            metrics[name] = _summary(total, n, info)
     finally:
         handle.remove()
     return metrics
 
 
 @torch.no_grad()
-def _observe_sample(caller: FluxCaller, text, gen: torch.Generator, grid: list[float], sigmas: list[float],
+def _observe_sample(caller: Caller, text, gen: torch.Generator, grid: list[float], sigmas: list[float],
                     latents: str, state: dict, runtime: Runtime) -> None:
     B = len(text)
     if latents == "trajectory":
@@ -287,9 +299,13 @@ def _observe_sample(caller: FluxCaller, text, gen: torch.Generator, grid: list[f
     state["observe"] = False
 
 
-def _summary(acc: GramAccumulator, prompts: int) -> dict[str, Any]:
-    tokens = {}
-    for (kind, idx, which, seg), cnt in acc.counts.items():
-        if kind == "double" and idx == 0 and which == "q":
-            tokens[seg] = cnt
+def _summary(acc: GramAccumulator, prompts: int, info: ModelInfo) -> dict[str, Any]:
+    """Prompts, and per segment the tokens counted in the first block (in the family's kind order) that sees it."""
+    from saferope_engine import arch
+
+    tokens: dict[str, int] = {}
+    for kind in arch.get(info.family).kind_names:
+        for (k, idx, which, seg), cnt in acc.counts.items():
+            if k == kind and idx == 0 and which == "q" and seg not in tokens:
+                tokens[seg] = cnt
     return {"prompts": prompts, "tokens_per_block": tokens}

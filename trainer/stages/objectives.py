@@ -20,8 +20,9 @@ reproducibility.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,7 @@ class Objective:
     name: str
     role: str  # one of ROLES
     needs: tuple[str, ...]  # items of DATA
-    loss: Callable[["Trainer", torch.Generator], Tensor]
+    loss: Callable[[Trainer, torch.Generator], Tensor]
     summary: str
     init_std: float = 0.0  # generator initialisation it needs (0: the identity)
 
@@ -54,7 +55,7 @@ class Objective:
             raise ValueError(f"bad objective {self}")
 
 
-def _anchor(tr: "Trainer", gen: torch.Generator) -> Tensor:
+def _anchor(tr: Trainer, gen: torch.Generator) -> Tensor:
     idx = tr.draw(tr.data.unsafe, gen)
     text, target_text = tr.rows(tr.data.unsafe, idx), tr.rows(tr.data.anchors, idx)
     sigma = tr.sigma(gen, tr.t.unlearn_sigmas)
@@ -63,7 +64,7 @@ def _anchor(tr: "Trainer", gen: torch.Generator) -> Tensor:
     return F.mse_loss(pred, target)
 
 
-def _deviate(tr: "Trainer", gen: torch.Generator) -> Tensor:
+def _deviate(tr: Trainer, gen: torch.Generator) -> Tensor:
     idx = tr.draw(tr.data.unsafe, gen)
     text = tr.rows(tr.data.unsafe, idx)
     sigma = tr.sigma(gen, tr.t.unlearn_sigmas)
@@ -72,7 +73,7 @@ def _deviate(tr: "Trainer", gen: torch.Generator) -> Tensor:
     return torch.tanh(-F.mse_loss(pred, target))
 
 
-def _distill(tr: "Trainer", gen: torch.Generator) -> Tensor:
+def _distill(tr: Trainer, gen: torch.Generator) -> Tensor:
     idx = tr.draw(tr.data.safe, gen)
     text = tr.rows(tr.data.safe, idx)
     sigma = tr.sigma(gen, tr.t.preserve_sigmas)
@@ -81,7 +82,7 @@ def _distill(tr: "Trainer", gen: torch.Generator) -> Tensor:
     return F.mse_loss(pred, target)
 
 
-def _flow(tr: "Trainer", gen: torch.Generator) -> Tensor:
+def _flow(tr: Trainer, gen: torch.Generator) -> Tensor:
     idx = tr.draw(tr.data.captions, gen)
     text = tr.rows(tr.data.captions, idx)
     sigma = tr.sigma(gen, tr.t.preserve_sigmas)

@@ -13,17 +13,17 @@ import json
 import logging
 import sys
 from dataclasses import dataclass, field
-from typing import Any
 from pathlib import Path
+from typing import Any
 
-from . import objectives
-from .collect import SETS, pick_stats, stats_metadata
 from ..core.config import RunConfig, jsonable
 from ..core.errors import UsageError
-from ..families.models import ModelInfo, image_size, max_sequence_length, resolve_model
 from ..core.prompts import UnlearnPrompts, read_prompts, read_unlearn
 from ..core.rundir import DamagedFileError, RunDir, check_output_dir
 from ..core.runtime import launched_processes
+from ..families.models import ModelInfo, image_size, max_sequence_length, resolve_model
+from . import objectives
+from .collect import SETS, pick_stats, stats_metadata
 
 logger = logging.getLogger(__name__)
 
@@ -77,6 +77,30 @@ def _stats_shapes(run: RunDir):
     return shapes
 
 
+def _describe(shapes) -> str:
+    blocks = " + ".join(f"{n} {kind}" for kind, n in shapes.blocks.items())
+    return f"{shapes.arch}: {shapes.num_heads} heads × {shapes.head_dim}, {blocks} blocks"
+
+
+def _check_kinds(cfg: RunConfig, shapes) -> None:
+    """``select.kinds`` must name at least one block kind of the model; ``train.segments`` only its kinds and the
+    segments they see."""
+    from saferope_engine import arch
+
+    family = arch.get(shapes.arch)
+    if not any(k in shapes.blocks for k in cfg.select.kinds):
+        raise UsageError(f"config key 'select.kinds' {cfg.select.kinds} names no block kind of {family.label()} "
+                         f"(its kinds: {', '.join(shapes.blocks)})")
+    for kind, segs in cfg.train.segments.items():
+        if kind not in shapes.blocks:
+            raise UsageError(f"config key 'train.segments.{kind}': {family.label()} has no {kind!r} blocks "
+                             f"(its kinds: {', '.join(shapes.blocks)})")
+        unseen = [s for s in segs if s not in family.kind(kind).segments]
+        if unseen:
+            raise UsageError(f"config key 'train.segments.{kind}': {kind} blocks never see {', '.join(unseen)} tokens "
+                             f"(they see {', '.join(family.kind(kind).segments)})")
+
+
 def preflight(command: str, cfg: RunConfig, run: RunDir, resume: str | None) -> Plan:
     """Check every input; raises UsageError (nothing has been written yet)."""
     from .train import changed_settings, pick_checkpoint, train_fingerprint
@@ -107,6 +131,7 @@ def preflight(command: str, cfg: RunConfig, run: RunDir, resume: str | None) -> 
         plan.size = image_size(plan.info, cfg.height, cfg.width)
     else:
         plan.shapes = _stats_shapes(run)
+    _check_kinds(cfg, plan.shapes)
     D = plan.shapes.head_dim
     if cfg.select.rank > D:
         raise UsageError(f"rank {cfg.select.rank} is larger than the model's head_dim {D}")
@@ -121,7 +146,10 @@ def preflight(command: str, cfg: RunConfig, run: RunDir, resume: str | None) -> 
         plan.stats_sources, notes = pick_stats(cfg, run)
         plan.notes += notes
     elif "select" in stages or "train" in stages:
-        _stats_shapes(run)
+        stats = _stats_shapes(run)
+        if plan.info is not None and stats != plan.shapes:
+            raise UsageError(f"the statistics in {str(run.root)!r} are of another model ({_describe(stats)}) than "
+                             f"MODEL {cfg.model!r} ({_describe(plan.shapes)})")
     if "train" in stages:
         if "select" not in stages and not run.selection_file().is_file():
             raise UsageError(f"{run.selection_file()}: no head selection (run `select` first)")
@@ -162,8 +190,8 @@ def execute(plan: Plan, report: bool = True) -> None:
     """
     import torch
 
-    from ..families.models import load_transformer, torch_dtype
     from ..core.runtime import make_runtime
+    from ..families.models import load_transformer, torch_dtype
 
     cfg, run = plan.cfg, plan.run
     runtime = make_runtime(cfg.device, cfg.mixed_precision)
@@ -182,14 +210,15 @@ def execute(plan: Plan, report: bool = True) -> None:
         for note in plan.notes if runtime.is_main else []:
             logger.warning("%s", note)
         if plan.info is not None:
-            from ..families.flux1 import FluxCaller
+            from ..families.models import family_of
             from ..families.text import encode_sets
 
+            # Text first, then the text encoders are freed: they and the transformer are never loaded together.
             tables = encode_sets(plan.info, _prompt_sets(plan), max_len=plan.max_len, dtype=cfg.dtype,
                                  runtime=runtime, cache_dir=run.cache)
             transformer = load_transformer(plan.info, cfg.dtype, runtime.device)
-            caller = FluxCaller(transformer, plan.info, plan.size[0], plan.size[1], cfg.guidance, runtime.device,
-                                torch_dtype(cfg.dtype))
+            caller = family_of(plan.info).caller(transformer, plan.info, plan.size[0], plan.size[1], cfg.guidance,
+                                                 runtime.device, torch_dtype(cfg.dtype))
         if "collect" in plan.stages:
             from .collect import run_collect
 

@@ -98,8 +98,14 @@ def read_selection(run: RunDir) -> dict[tuple[str, int], list[int]]:
 
 
 def _rows(scores: dict[str, torch.Tensor]) -> list[tuple[str, int, torch.Tensor]]:
-    return [(kind, b, scores[kind][b]) for kind in ("double", "single") if kind in scores
-            for b in range(scores[kind].shape[0])]
+    """``(kind, block, scores of its heads)`` in model order (the kinds' order in ``scores``)."""
+    return [(kind, b, scores[kind][b]) for kind in scores for b in range(scores[kind].shape[0])]
+
+
+def _initials(kinds: list[str]) -> dict[str, str]:
+    """A short row label per block kind: its initial (``D``, ``S``), or its name where initials collide."""
+    first = [k[0].upper() for k in kinds]
+    return {k: f if first.count(f) == 1 else k for k, f in zip(kinds, first)}
 
 
 def write_table(folder: Path, scores: dict[str, torch.Tensor], selection: HeadSelection) -> None:
@@ -139,12 +145,13 @@ def heatmap_png(scores: dict[str, torch.Tensor], selection: HeadSelection, *, ti
     vmax = max(finite, default=1.0)
     cell = max(8, min(24, 640 // max(heads, 1)))
     font = ImageFont.load_default()
+    label = _initials(list(scores))
     lines = [f"SafeRoPE head scores d = E_unsafe - E_safe ({title})",
              f"blue < 0 < red, |d| max {vmax:.3g}; outlined: selected",
-             "rows: D = double, S = single blocks; columns: heads"]
+             "rows: " + ", ".join(f"{v} = {k}" for k, v in label.items()) + " blocks; columns: heads"]
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     text_w = max(int(probe.textlength(t, font=font)) for t in lines) + 8
-    left, top, right, bottom = 44, 48, 16, 22
+    left, top, right, bottom = max(44, 7 * max(len(v) + 3 for v in label.values())), 48, 16, 22  # labels fit
     W, H = max(left + heads * cell + right, text_w), top + len(rows) * cell + bottom
     img = Image.new("RGB", (W, H), "white")
     draw = ImageDraw.Draw(img)
@@ -156,7 +163,7 @@ def heatmap_png(scores: dict[str, torch.Tensor], selection: HeadSelection, *, ti
     for i, (kind, b, row) in enumerate(rows):
         y = top + i * cell
         if len(rows) <= 40 or b % 4 == 0:
-            draw.text((2, y + max(0, cell // 2 - 6)), f"{kind[0].upper()}{b}", fill="black", font=font)
+            draw.text((2, y + max(0, cell // 2 - 6)), f"{label[kind]}{b}", fill="black", font=font)
         chosen = selection.heads.get((kind, b), [])
         for h, v in enumerate(row.tolist()):
             x = left + h * cell

@@ -25,9 +25,10 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -36,22 +37,22 @@ from saferope_engine import BlockAdapter, SafeRoPEAdapter
 from saferope_engine import adapter as adapter_format
 from saferope_engine.subspace import GramAccumulator, assemble_adapter
 
-from .collect import COLLECT_KEYS, step_seed
-from .objectives import NONE, OBJECTIVES, ROLES
 from ..core.config import RunConfig, diff_fingerprints, fingerprint, init_std, jsonable, rollout_grid
-from ..families.text import EmbeddingTable, TextBatch
 from ..core.errors import TrainerError, UsageError
-from ..families.flux1 import FluxCaller
 from ..core.progress import progress_bar
 from ..core.rundir import DamagedFileError, RunDir, atomic_write_json, check_manifest, commit_dir, write_manifest
 from ..core.runtime import Runtime
+from ..families.base import Caller
+from ..families.text import EmbeddingTable, TextBatch
+from .collect import COLLECT_KEYS, step_seed
+from .objectives import NONE, OBJECTIVES, ROLES
 
 logger = logging.getLogger(__name__)
 
 #: Config keys that must not change when a training run is resumed.
 TRAIN_KEYS = COLLECT_KEYS + ["prompts.anchors", "select", "mixed_precision", "concepts"] + [
     f"train.{k}" for k in ("batch_size", "lr", "weight_decay", "unlearn", "preserve", "lambda_unlearn",
-                           "lambda_preserve", "threshold", "double_segments", "single_segments", "init_std",
+                           "lambda_preserve", "threshold", "double_segments", "single_segments", "segments", "init_std",
                            "unlearn_sigmas", "preserve_sigmas", "latents", "rollout_steps", "images")]
 
 #: Largest Frobenius norm ‖A‖_F = ‖W − Wᵀ‖_F of one head's generator that a run accepts (after
@@ -189,15 +190,33 @@ def initial_adapter(cfg: RunConfig, run: RunDir, selection: dict[tuple[str, int]
     """
     unsafe = GramAccumulator.load(run.stats_file("unsafe"))
     safe = GramAccumulator.load(run.stats_file("safe")) if cfg.select.basis == "contrast" else None
-    segs = {"double": cfg.train.double_segments, "single": cfg.train.single_segments}
-    heads = {key: hs for key, hs in selection.items() if segs[key[0]]}
+    segs = generator_segments(cfg, shapes)
+    heads = {key: hs for key, hs in selection.items() if segs.get(key[0])}
     if not heads:
         raise TrainerError("the selected heads lie only in block kinds without generator segments "
-                           f"(train.double_segments={segs['double']}, train.single_segments={segs['single']})")
+                           f"({', '.join(f'{k}: {v}' for k, v in segs.items())}; train.double_segments, "
+                           "train.single_segments, train.segments)")
     return assemble_adapter(unsafe, heads, rank=cfg.select.rank, blocks=shapes.blocks, arch=shapes.arch, segments=segs,
                             threshold=cfg.train.threshold, concepts=cfg.concepts, base_model=base_model,
                             basis_segment=cfg.select.segment, basis=cfg.select.basis, safe=safe,
                             contrast_weight=cfg.select.contrast_weight)
+
+
+def generator_segments(cfg: RunConfig, shapes) -> dict[str, list[str]]:
+    """The generator segments of each block kind of the model: ``train.segments[kind]``, else
+    ``train.double_segments`` / ``train.single_segments`` for those kinds, else text when the kind sees text;
+    always only segments the kind's tokens carry (:class:`saferope_engine.arch.Kind`)."""
+    from saferope_engine import arch
+
+    t = cfg.train
+    out = {}
+    for kind in arch.get(shapes.arch).kinds:
+        if kind.name not in shapes.blocks:
+            continue
+        named = {"double": t.double_segments, "single": t.single_segments}
+        wanted = t.segments.get(kind.name, named.get(kind.name, ["txt"]))
+        out[kind.name] = [seg for seg in wanted if seg in kind.segments]
+    return out
 
 
 def make_generators(adapter: SafeRoPEAdapter, std: float, seed: int, device) -> dict[str, torch.nn.Parameter]:
@@ -228,7 +247,7 @@ def generators_of(params: dict[str, torch.nn.Parameter]) -> dict[str, Tensor]:
 class Trainer:
     """One training run over a patched transformer."""
 
-    def __init__(self, cfg: RunConfig, run: RunDir, runtime: Runtime, transformer, caller: FluxCaller,
+    def __init__(self, cfg: RunConfig, run: RunDir, runtime: Runtime, transformer, caller: Caller,
                  adapter: SafeRoPEAdapter, data: TrainData, fp: dict[str, Any]) -> None:
         from saferope_engine.diffusers import apply_saferope
 
@@ -244,12 +263,13 @@ class Trainer:
         bind(adapter, self.params)
         self.handle = apply_saferope(transformer, adapter, strength=1.0)
         if self.t.gradient_checkpointing:
-            transformer.enable_gradient_checkpointing()  # the engine keeps each block's text split on recompute
+            # the family's way (diffusers' own is unfaithful for some); the engine keeps each block's text split on recompute
+            self.undo_checkpointing = caller.family.enable_gradient_checkpointing(transformer)
 
     def close(self) -> None:
         self.handle.remove()
         if self.t.gradient_checkpointing:
-            self.transformer.disable_gradient_checkpointing()
+            self.undo_checkpointing()
 
     # -- one step ------------------------------------------------------------------------------
     def sigma(self, gen: torch.Generator, rng: list[float]) -> float:
@@ -388,7 +408,8 @@ class Trainer:
                 raise TrainerError(f"training diverged at step {self.step} ({logs}); lower train.lr")
             self.history.append({"step": self.step, **{k: round(v, 6) for k, v in logs.items()}})
             bar.update(1)
-            bar.set_postfix(loss=f"{logs['loss']:.4g}", **{k: f"{v:.3g}" for k, v in logs.items() if k in ("unlearn", "preserve")})
+            bar.set_postfix(loss=f"{logs['loss']:.4g}",
+                            **{k: f"{v:.3g}" for k, v in logs.items() if k in ("unlearn", "preserve")})
             if self.step % t.log_every == 0 or self.step == t.steps:
                 logger.info("step %d/%d %s", self.step, t.steps, " ".join(f"{k}={v:.5g}" for k, v in logs.items()))
             if self.runtime.is_main and (self.step % t.checkpoint_every == 0 or self.step == t.steps):

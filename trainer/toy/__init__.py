@@ -16,10 +16,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .config import RECIPE_FILE, Recipe
-
-#: The shipped toy FLUX pipeline folder (``FluxPipeline.from_pretrained(TOY_MODEL_DIR)``).
-TOY_MODEL_DIR: Path = Path(__file__).resolve().parent / "model"
+from .config import RECIPE_FILE, TOY_MODEL_DIR, Recipe
 
 
 def load_recipe(folder: str | Path | None = None) -> Recipe:

@@ -30,8 +30,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _evaluate(folder: Path, concept: str, seed: int, repeats: int = 1) -> None:
-    from .evaluate import evaluate_base, format_report
     from . import load_pipeline, load_recipe
+    from .evaluate import evaluate_base, format_report
 
     pipe = load_pipeline(folder)
     report = evaluate_base(pipe, load_recipe(folder), concept=concept, seed=seed, repeats=repeats)
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
-    from . import TOY_MODEL_DIR
+    from .config import TOY_MODEL_DIR
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -17,7 +17,8 @@ Images with too few foreground pixels are ``("none", "none")``.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Iterable, Union
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Union
 
 import numpy as np
 

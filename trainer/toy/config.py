@@ -14,6 +14,8 @@ from typing import Any
 from . import world
 
 RECIPE_FILE = "toy_recipe.json"
+#: The shipped toy FLUX pipeline folder (``FluxPipeline.from_pretrained(TOY_MODEL_DIR)``).
+TOY_MODEL_DIR: Path = Path(__file__).resolve().parent / "model"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +38,7 @@ class Recipe:
         return path
 
     @classmethod
-    def load(cls, folder: Path) -> "Recipe":
+    def load(cls, folder: Path) -> Recipe:
         data = json.loads((Path(folder) / RECIPE_FILE).read_text())
         return cls(**{f.name: data[f.name] for f in dataclasses.fields(cls)})
 
@@ -117,5 +119,5 @@ class ToyConfig:
             max_sequence_length=self.text_max_length,
         )
 
-    def replace(self, **changes: Any) -> "ToyConfig":
+    def replace(self, **changes: Any) -> ToyConfig:
         return dataclasses.replace(self, **changes)

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import time
 from collections import Counter, defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

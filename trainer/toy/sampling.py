@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
-from .config import Recipe
+from .config import TOY_MODEL_DIR, Recipe
 
 logger = logging.getLogger(__name__)
 
@@ -20,8 +20,6 @@ def load_pipeline(folder: str | Path | None = None, dtype: torch.dtype | None = 
     Weights are float32 unless ``dtype`` is given. The progress bar is disabled.
     """
     from diffusers import FluxPipeline
-
-    from . import TOY_MODEL_DIR
 
     folder = Path(folder) if folder is not None else TOY_MODEL_DIR
     kwargs = {"torch_dtype": dtype} if dtype is not None else {}

@@ -19,8 +19,8 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -109,7 +109,8 @@ def train_vae(cfg: ToyConfig, images: np.ndarray, seed: int, log_every: int = 10
     """Train the VAE on ``images`` (uint8 ``(N, H, W, 3)``); see :func:`set_latent_scaling`."""
     torch.manual_seed(seed)
     vae = build_vae(cfg)
-    logger.info("VAE: %d parameters, latent %dx%dx%d", count_parameters(vae), cfg.vae_latent_channels, cfg.latent_size, cfg.latent_size)
+    logger.info("VAE: %d parameters, latent %dx%dx%d", count_parameters(vae), cfg.vae_latent_channels, cfg.latent_size,
+                cfg.latent_size)
     x_all = _images_to_tensor(images)  # (N, 3, H, W)
     gen = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0)

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Iterable, Literal, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Literal
 
 import numpy as np
 
