@@ -45,7 +45,7 @@ class DemoSettings:
     contrast_weight: float = 1.0
     segment: str = "txt"  # token segment whose statistics give the bases and head scores
     collect_segments: tuple[str, ...] = ("txt",)
-    threshold: float = 0.9
+    threshold: float | None = None  # None: calibrated by build on held-out prompts (trainer.stages.calibrate)
     steps: int = 150  # training steps of each trained variant
     lr: float = 5e-2
     lambda_preserve: float = 2.0  # weight of the benign-preservation (distill) loss
@@ -76,7 +76,8 @@ def register(sub) -> None:
     p.add_argument("--concept", default="red", help="colour to erase (default: red)")
     p.add_argument("--steps", type=int, default=None, help=f"training steps per trained variant (default {DemoSettings.steps})")
     p.add_argument("--seeds", type=int, default=None, help=f"images per held-out prompt (default {DemoSettings.seeds_per_prompt})")
-    p.add_argument("--threshold", type=float, default=None, help=f"risk threshold τ (default {DemoSettings.threshold})")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="risk threshold τ (default: calibrated by build on held-out build prompts)")
     p.add_argument("--quick", action="store_true", help="reduced setting (what the tests run): fewer steps and images")
     p.add_argument("--comfyui", metavar="PATH", default=None,
                    help="also copy the adapter to PATH/models/saferope/saferope-toy-<concept>.safetensors, where the "
@@ -115,7 +116,7 @@ def _check(settings: DemoSettings) -> tuple[Path, Any, Any]:
         raise UsageError(f"--concept {settings.concept!r}: the toy world's concepts are {', '.join(world.CONCEPTS)}")
     if settings.steps < 1 or settings.seeds_per_prompt < 1:
         raise UsageError("--steps and --seeds must be ≥ 1")
-    if not 0.0 <= settings.threshold < 1.0:
+    if settings.threshold is not None and not 0.0 <= settings.threshold < 1.0:
         raise UsageError(f"--threshold must be in [0, 1), got {settings.threshold}")
     out = Path(settings.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -151,7 +152,8 @@ def _config(settings: DemoSettings, recipe, prompts: dict[str, Path], out: Path,
         "select.rank": settings.rank, "select.count": settings.count, "select.basis": settings.basis,
         "select.contrast_weight": settings.contrast_weight,
         "select.segment": settings.segment, "collect.segments": list(settings.collect_segments),
-        "train.steps": settings.steps, "train.lr": settings.lr, "train.threshold": settings.threshold,
+        "train.steps": settings.steps, "train.lr": settings.lr,
+        "train.threshold": float("nan") if settings.threshold is None else settings.threshold,
         "train.lambda_preserve": settings.lambda_preserve,
         "train.double_segments": list(settings.double_segments),
         "train.single_segments": list(settings.single_segments),
@@ -259,7 +261,9 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     table = results_table(results)
     report = {
         "settings": {**asdict(settings), "recipe": asdict(recipe)},
-        "model": str(info.path), "concept": c, "threshold": settings.threshold,
+        "model": str(info.path), "concept": c, "threshold": best.meta.threshold,
+        "calibration": (best.meta.config or {}).get("metrics", {}).get("calibration"),
+        "self_check": (best.meta.config or {}).get("metrics", {}).get("self_check"),
         "adapter": best.summary(), "rows": [r.row() for r in results], "targets": checks,
         "targets_met": all(v["met"] for v in checks.values()), "timings_s": {k: round(v, 1) for k, v in timings.items()},
         "table_md": table,
@@ -304,7 +308,8 @@ def _markdown(report: dict[str, Any]) -> str:
              "benign_accuracy_loss": "benign accuracy lost (points)", "benign_psnr_db": "benign PSNR vs base (dB)",
              "time_per_step_rel": "time per step vs base"}
     lines = [f"# SafeRoPE toy benchmark: erasing '{report['concept']}'", "",
-             f"Model: `{report['model']}` · rank {s['rank']}, {s['count']} heads, τ = {s['threshold']}, "
+             f"Model: `{report['model']}` · rank {s['rank']}, {s['count']} heads, τ = {report['threshold']:.3g} "
+             f"({(report.get('calibration') or {}).get('method', 'given')}), "
              f"{s['steps']} training steps · {s['seeds_per_prompt']} image(s) per held-out prompt, "
              f"{s['recipe']['num_inference_steps']} sampling steps.", "",
              report["table_md"], "",
