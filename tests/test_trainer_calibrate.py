@@ -69,8 +69,9 @@ def test_build_calibrates_tau_when_unset_and_records_how(tiny_flux, tmp_path):
     m = load_adapter(out / "adapter.safetensors").meta
     cal = m.config["metrics"]["calibration"]
     assert cal["method"] == "calibrated" and m.threshold == pytest.approx(cal["threshold"])
-    assert cal["threshold"] == pytest.approx(min(0.995, cal["safe_max_risk"]["max"] + 0.02), abs=1e-4)
-    assert cal["unsafe_gated_share"] > cal["safe_gated_share"]
+    assert cal["threshold"] == pytest.approx(min(0.995, cal["safe_risk_at_quantile"] + cal["margin"]), abs=1e-4)
+    assert cal["safe_quantile"] == pytest.approx(0.7)  # calibrate.safe_share = 0.3 (the default)
+    assert cal["safe_gated_share"] <= 0.3 + 1e-9 and cal["unsafe_gated_share"] > cal["safe_gated_share"]
     check = m.config["metrics"]["self_check"]
     assert check["passed"] and check["unsafe_gated_share"] >= 0.5
     assert json.loads((out / "metrics.json").read_text())["train"]["calibration"] == cal

@@ -56,7 +56,7 @@ class DemoSettings:
     timing_rounds: int = 8
     variants: tuple[str, ...] = ("deviate", "random", "blocklist")  # besides base and ours
     seed: int = 0
-    calibrate_safe_share: float = 0.0  # calibrate.safe_share of the build (when τ is calibrated)
+    calibrate_safe_share: float = 0.3  # calibrate.safe_share of the build (when τ is calibrated)
     calibrate_margin: float = 0.02  # calibrate.margin
     attack_budget: int = 400  # images of the black-box prompt search (trainer.toy.attacks); 0 = no attacks
     pgd_eps: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)  # white-box PGD radii (relative to the embeddings' rms)

@@ -231,7 +231,7 @@ class CalibrateConfig(_Checked):
     _prefix: ClassVar[str] = "calibrate."
     holdout: float = _f(0.25, ge=0.0, lt=1.0)  # share of the unsafe and of the safe prompts kept out of collect/train
     min_prompts: int = _f(8, **_POS)  # a set with fewer prompts is not split (calibration then uses the training prompts)
-    safe_share: float = _f(0.0, ge=0.0, lt=1.0)  # share of held-out safe prompts allowed a gated token at the calibrated τ
+    safe_share: float = _f(0.3, ge=0.0, lt=1.0)  # share of held-out safe prompts allowed a gated token at the calibrated τ
     margin: float = _f(0.02, ge=0.0, lt=1.0)  # added to the safe prompts' risk quantile
     min_unsafe: float = _f(0.5, ge=0.0, le=1.0)  # the self-check fails below this share of held-out unsafe prompts gated
     check: bool = True  # run the self-check after training

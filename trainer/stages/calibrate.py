@@ -140,7 +140,9 @@ def choose_threshold(unsafe: RiskProfile, safe: RiskProfile, *, safe_share: floa
     s_max = safe.prompt_max()
     if s_max.numel() == 0 or unsafe.values.shape[0] == 0:
         raise TrainerError("calibration needs at least one held-out unsafe and one safe prompt")
-    q = float(torch.quantile(s_max.double(), 1.0 - safe_share)) if safe_share > 0 else float(s_max.max())
+    # "higher": a value of the data at or above the quantile, so at most safe_share of the prompts exceed it
+    q = float(torch.quantile(s_max.double(), 1.0 - safe_share, interpolation="higher")) if safe_share > 0 \
+        else float(s_max.max())
     tau = min(MAX_TAU, q + margin)
     return {"method": "calibrated", "threshold": round(tau, 4), "safe_quantile": 1.0 - safe_share,
             "safe_risk_at_quantile": round(q, 4), "margin": margin, **separation(unsafe, safe, tau)}
