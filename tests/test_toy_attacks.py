@@ -98,5 +98,5 @@ def test_evaluate_attack_budget_refuses_a_model_outside_the_toy_world(tiny_flux,
 
     code = main(["-q", "evaluate", "--model", str(tiny_flux), "--adapter", str(tmp_path / "none.safetensors"),
                  "--prompts", f"x={tmp_path / 'p.txt'}", "--out", str(tmp_path / "ev"), "--attack-budget", "8"])
-    assert code == 2 and "not a toy-world model" in capsys.readouterr().err
+    assert code == 2 and "no attack benchmark can judge images" in capsys.readouterr().err
     assert not (tmp_path / "ev").exists()

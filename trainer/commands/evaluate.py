@@ -49,47 +49,15 @@ def run(args: argparse.Namespace) -> int:
     if args.attack_budget < 0:
         raise UsageError(f"--attack-budget must be ≥ 0, got {args.attack_budget}")
     cfg = load_eval_config(args)
-    if args.attack_budget:
-        _check_toy(cfg)
+    bench = _attack_benchmark(cfg) if args.attack_budget else None  # checked before any work
     code = run_evaluation(cfg, stack=args.stack)
-    if code == 0 and args.attack_budget:
-        _attacks(cfg, args.attack_budget)
+    if code == 0 and bench is not None:
+        bench.run(cfg, args.attack_budget)
     return code
 
 
-def _check_toy(cfg: RunConfig) -> None:
-    from ..core.errors import UsageError
+def _attack_benchmark(cfg: RunConfig):
+    from ..evaluation.attacks import attack_for
     from ..families.models import resolve_model
-    from ..toy.config import RECIPE_FILE
 
-    if not (resolve_model(cfg.model).path / RECIPE_FILE).is_file():
-        raise UsageError(f"--attack-budget: MODEL {cfg.model!r} is not a toy-world model (no {RECIPE_FILE}); the "
-                         "attacks score images with the toy world's classifier")
-
-
-def _attacks(cfg: RunConfig, budget: int) -> None:
-    """Both toy attacks on every evaluated adapter, for each of its concepts."""
-    import json
-
-    from ..core.rundir import atomic_write_text
-    from ..evaluation.generation import load_adapters
-    from ..families.models import resolve_model
-    from ..toy import world
-    from ..toy.attacks import attack_markdown, run_attacks
-    from ..toy.config import Recipe
-    from ..toy.sampling import load_pipeline
-
-    info = resolve_model(cfg.model)
-    run_dir = RunDir(cfg.out)
-    paths = list(cfg.evaluate.adapters) or [str(run_dir.adapter)]
-    pipe, recipe = load_pipeline(info.path), Recipe.load(info.path)
-    out: dict = {}
-    md = ["# Attacks on the adapters (trainer.toy.attacks)", ""]
-    for path, adapter in zip(paths, load_adapters(paths, info)):
-        for concept in (c for c in adapter.meta.concepts if c in world.CONCEPTS):
-            out[f"{path}:{concept}"] = res = run_attacks(pipe, recipe, [adapter], concept, budget=budget,
-                                                         seed=cfg.seed, eval_seeds=len(cfg.evaluate.seeds))
-            md += [f"## `{path}` — {concept}", "", *attack_markdown(res), ""]
-    atomic_write_text(run_dir.evaluate / "attacks.json", json.dumps(out, indent=2) + "\n")
-    atomic_write_text(run_dir.evaluate / "attacks.md", "\n".join(md) + "\n")
-    print(f"attacks: {run_dir.evaluate / 'attacks.md'} ({run_dir.evaluate / 'attacks.json'})")
+    return attack_for(resolve_model(cfg.model).path)

@@ -290,3 +290,38 @@ def run_attacks(pipe, recipe: Recipe, adapters: Sequence, concept: str, *, budge
                      eval_seeds=eval_seeds)
     return {"search": {k: v for k, v in search.to_dict().items() if k != "evaluated"},
             "search_prompts_tried": len(search.evaluated), "pgd": pgd}
+
+
+def applies(model_path) -> bool:
+    """Whether ``trainer evaluate --attack-budget`` can attack this model: a toy-world pipeline folder."""
+    from pathlib import Path
+
+    from .config import RECIPE_FILE
+
+    return (Path(model_path) / RECIPE_FILE).is_file()
+
+
+def evaluate_attacks(cfg, budget: int) -> None:
+    """``trainer evaluate --attack-budget N`` on a toy-world model: both attacks on every evaluated adapter,
+    for each of its toy-world concepts; writes ``OUT/evaluate/attacks.json`` and ``attacks.md``."""
+    import json
+
+    from ..core.rundir import RunDir, atomic_write_text
+    from ..evaluation.generation import load_adapters
+    from ..families.models import resolve_model
+    from .sampling import load_pipeline
+
+    info = resolve_model(cfg.model)
+    run_dir = RunDir(cfg.out)
+    paths = list(cfg.evaluate.adapters) or [str(run_dir.adapter)]
+    pipe, recipe = load_pipeline(info.path), Recipe.load(info.path)
+    out: dict[str, Any] = {}
+    md = ["# Attacks on the adapters (trainer.toy.attacks)", ""]
+    for path, adapter in zip(paths, load_adapters(paths, info)):
+        for concept in (c for c in adapter.meta.concepts if c in world.CONCEPTS):
+            out[f"{path}:{concept}"] = res = run_attacks(pipe, recipe, [adapter], concept, budget=budget,
+                                                         seed=cfg.seed, eval_seeds=len(cfg.evaluate.seeds))
+            md += [f"## `{path}` — {concept}", "", *attack_markdown(res), ""]
+    atomic_write_text(run_dir.evaluate / "attacks.json", json.dumps(out, indent=2) + "\n")
+    atomic_write_text(run_dir.evaluate / "attacks.md", "\n".join(md) + "\n")
+    print(f"attacks: {run_dir.evaluate / 'attacks.md'} ({run_dir.evaluate / 'attacks.json'})")
