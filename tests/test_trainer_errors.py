@@ -133,7 +133,7 @@ BAD_NUMBERS = {
     "init_std inf": (["--set", "train.init_std=inf"], "'train.init_std' must be ≥ 0 (a finite number, or nan = unused)"),
     "margin inf": (["--set", "select.margin=inf"], "'select.margin' must be a finite number, or nan = unused, got inf"),
     "margin -inf": (["--margin=-inf"], "'select.margin'"),
-    "threshold nan": (["--threshold", "nan"], "'train.threshold' must be in [0, 1)"),
+    "threshold inf": (["--threshold", "inf"], "'train.threshold' must be in [0, 1)"),
     "weight_decay nan": (["--set", "train.weight_decay=nan"], "'train.weight_decay'"),
     "sigma nan": (["--sigmas", "1,nan"], "'collect.sigmas[1]' must be in (0, 1]"),
     "unlearn sigma inf": (["--set", "train.unlearn_sigmas=[0.5, inf]"], "'train.unlearn_sigmas[1]'"),

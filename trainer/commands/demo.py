@@ -45,7 +45,7 @@ class DemoSettings:
     contrast_weight: float = 1.0
     segment: str = "txt"  # token segment whose statistics give the bases and head scores
     collect_segments: tuple[str, ...] = ("txt",)
-    threshold: float = 0.9
+    threshold: float | None = None  # None: calibrated by build on held-out prompts (trainer.stages.calibrate)
     steps: int = 150  # training steps of each trained variant
     lr: float = 5e-2
     lambda_preserve: float = 2.0  # weight of the benign-preservation (distill) loss
@@ -56,11 +56,17 @@ class DemoSettings:
     timing_rounds: int = 8
     variants: tuple[str, ...] = ("deviate", "random", "blocklist")  # besides base and ours
     seed: int = 0
+    calibrate_safe_share: float = 0.3  # calibrate.safe_share of the build (when τ is calibrated)
+    calibrate_margin: float = 0.02  # calibrate.margin
+    attack_budget: int = 400  # images of the black-box prompt search (trainer.toy.attacks); 0 = no attacks
+    pgd_eps: tuple[float, ...] = (0.02, 0.05, 0.1, 0.2)  # white-box PGD radii (relative to the embeddings' rms)
+    pgd_steps: int = 10
 
     @classmethod
     def quick(cls, out: str, **kw: Any) -> "DemoSettings":
         return cls(out=out, **{"steps": 60, "seeds_per_prompt": 1, "timing_rounds": 1,
-                               "variants": ("random", "blocklist"), "collect_sigmas": (1.0, 0.6), **kw})
+                               "variants": ("random", "blocklist"), "collect_sigmas": (1.0, 0.6),
+                               "attack_budget": 32, "pgd_eps": (0.05, 0.2), "pgd_steps": 2, **kw})
 
 
 def register(sub) -> None:
@@ -76,7 +82,10 @@ def register(sub) -> None:
     p.add_argument("--concept", default="red", help="colour to erase (default: red)")
     p.add_argument("--steps", type=int, default=None, help=f"training steps per trained variant (default {DemoSettings.steps})")
     p.add_argument("--seeds", type=int, default=None, help=f"images per held-out prompt (default {DemoSettings.seeds_per_prompt})")
-    p.add_argument("--threshold", type=float, default=None, help=f"risk threshold τ (default {DemoSettings.threshold})")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="risk threshold τ (default: calibrated by build on held-out build prompts)")
+    p.add_argument("--attack-budget", type=int, default=None,
+                   help=f"images of the black-box prompt-search attack (default {DemoSettings.attack_budget}; 0: no attacks)")
     p.add_argument("--quick", action="store_true", help="reduced setting (what the tests run): fewer steps and images")
     p.add_argument("--comfyui", metavar="PATH", default=None,
                    help="also copy the adapter to PATH/models/saferope/saferope-toy-<concept>.safetensors, where the "
@@ -86,7 +95,7 @@ def register(sub) -> None:
 
 def run(args: argparse.Namespace) -> int:
     kw = {k: v for k, v in (("concept", args.concept), ("steps", args.steps), ("seeds_per_prompt", args.seeds),
-                            ("threshold", args.threshold)) if v is not None}
+                            ("threshold", args.threshold), ("attack_budget", args.attack_budget)) if v is not None}
     settings = DemoSettings.quick(args.out, **kw) if args.quick else DemoSettings(out=args.out, **kw)
     from ..core.rundir import check_output_dir
 
@@ -115,7 +124,9 @@ def _check(settings: DemoSettings) -> tuple[Path, Any, Any]:
         raise UsageError(f"--concept {settings.concept!r}: the toy world's concepts are {', '.join(world.CONCEPTS)}")
     if settings.steps < 1 or settings.seeds_per_prompt < 1:
         raise UsageError("--steps and --seeds must be ≥ 1")
-    if not 0.0 <= settings.threshold < 1.0:
+    if settings.attack_budget < 0:
+        raise UsageError(f"--attack-budget must be ≥ 0, got {settings.attack_budget}")
+    if settings.threshold is not None and not 0.0 <= settings.threshold < 1.0:
         raise UsageError(f"--threshold must be in [0, 1), got {settings.threshold}")
     out = Path(settings.out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -151,11 +162,13 @@ def _config(settings: DemoSettings, recipe, prompts: dict[str, Path], out: Path,
         "select.rank": settings.rank, "select.count": settings.count, "select.basis": settings.basis,
         "select.contrast_weight": settings.contrast_weight,
         "select.segment": settings.segment, "collect.segments": list(settings.collect_segments),
-        "train.steps": settings.steps, "train.lr": settings.lr, "train.threshold": settings.threshold,
+        "train.steps": settings.steps, "train.lr": settings.lr,
+        "train.threshold": float("nan") if settings.threshold is None else settings.threshold,
         "train.lambda_preserve": settings.lambda_preserve,
         "train.double_segments": list(settings.double_segments),
         "train.single_segments": list(settings.single_segments),
         "train.checkpoint_every": max(settings.steps, 1), "train.keep_checkpoints": 1,
+        "calibrate.safe_share": settings.calibrate_safe_share, "calibrate.margin": settings.calibrate_margin,
     }
     overrides.update({f"train.{k}": v for k, v in train.items()})
     return resolve(overrides=overrides)
@@ -249,6 +262,18 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
                                     timing_rounds=settings.timing_rounds, progress=progress)
     timings["benchmark_s"] = time.perf_counter() - t0
 
+    attacks = None
+    if settings.attack_budget > 0:
+        from trainer.toy.attacks import run_attacks
+
+        logger.info("demo: attacking the adapter (prompt search, %d images; PGD, ε %s)", settings.attack_budget,
+                    ", ".join(map(str, settings.pgd_eps)))
+        t0 = time.perf_counter()
+        attacks = run_attacks(pipe, recipe, [best], c, budget=settings.attack_budget, seed=settings.seed,
+                              epsilons=settings.pgd_eps, pgd_steps=settings.pgd_steps,
+                              eval_seeds=settings.seeds_per_prompt)
+        timings["attacks_s"] = time.perf_counter() - t0
+
     logger.info("demo 4/4: writing the report")
     by_key = {r.key: r for r in results}
     checks = check_targets(by_key["base"], by_key["saferope"], Targets())
@@ -259,10 +284,12 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     table = results_table(results)
     report = {
         "settings": {**asdict(settings), "recipe": asdict(recipe)},
-        "model": str(info.path), "concept": c, "threshold": settings.threshold,
+        "model": str(info.path), "concept": c, "threshold": best.meta.threshold,
+        "calibration": (best.meta.config or {}).get("metrics", {}).get("calibration"),
+        "self_check": (best.meta.config or {}).get("metrics", {}).get("self_check"),
         "adapter": best.summary(), "rows": [r.row() for r in results], "targets": checks,
         "targets_met": all(v["met"] for v in checks.values()), "timings_s": {k: round(v, 1) for k, v in timings.items()},
-        "table_md": table,
+        "table_md": table, "attacks": attacks,
         "files": {"adapter": str(out / "adapter.safetensors"), "report_json": str(out / "report.json"),
                   "report_md": str(out / "report.md"), "grid": str(out / "grid.png")},
         "command": " ".join(["python -m trainer"] + sys.argv[1:]) if sys.argv and sys.argv[0].endswith(
@@ -298,13 +325,23 @@ def _finite(obj: Any) -> Any:
     return obj
 
 
+def _attack_lines(attacks: dict[str, Any] | None) -> list[str]:
+    """The report's attack section (trainer.toy.attacks.attack_markdown)."""
+    if not attacks:
+        return []
+    from trainer.toy.attacks import attack_markdown
+
+    return ["", "## Attacks (trainer.toy.attacks)", "", *attack_markdown(attacks)]
+
+
 def _markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
     names = {"explicit_drop": "explicit unsafe rate, relative drop", "implicit_drop": "implicit-trigger unsafe rate, relative drop",
              "benign_accuracy_loss": "benign accuracy lost (points)", "benign_psnr_db": "benign PSNR vs base (dB)",
              "time_per_step_rel": "time per step vs base"}
     lines = [f"# SafeRoPE toy benchmark: erasing '{report['concept']}'", "",
-             f"Model: `{report['model']}` · rank {s['rank']}, {s['count']} heads, τ = {s['threshold']}, "
+             f"Model: `{report['model']}` · rank {s['rank']}, {s['count']} heads, τ = {report['threshold']:.3g} "
+             f"({(report.get('calibration') or {}).get('method', 'given')}), "
              f"{s['steps']} training steps · {s['seeds_per_prompt']} image(s) per held-out prompt, "
              f"{s['recipe']['num_inference_steps']} sampling steps.", "",
              report["table_md"], "",
@@ -317,6 +354,7 @@ def _markdown(report: dict[str, Any]) -> str:
         tgt = f"{100 * v['target']:.0f}%" if k.endswith("drop") else (
             f"{100 * v['target']:.0f}" if k == "benign_accuracy_loss" else f"{v['target']}")
         lines.append(f"| {names[k]} | {shown} | {v['op']} {tgt} | {'yes' if v['met'] else 'NO'} |")
+    lines += _attack_lines(report.get("attacks"))
     lines += ["", f"Timings: {', '.join(f'{k} {v}' for k, v in report['timings_s'].items())}.", "",
               f"Reproduce: `{report['command']}`", ""]
     return "\n".join(lines)

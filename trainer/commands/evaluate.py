@@ -25,6 +25,9 @@ def register(sub) -> None:
                             "    --steps 20 --out runs/red")
     add_config_flags(p, "evaluate")
     p.add_argument("--stack", action="store_true", help="also evaluate all adapters applied together")
+    p.add_argument("--attack-budget", type=int, default=0, metavar="N",
+                   help="toy-world models: also attack each adapter (black-box prompt search of N images and white-box "
+                        "embedding PGD, trainer.toy.attacks); writes OUT/evaluate/attacks.json and attacks.md")
     p.set_defaults(func=run)
 
 
@@ -40,6 +43,21 @@ def load_eval_config(args: argparse.Namespace) -> RunConfig:
 
 
 def run(args: argparse.Namespace) -> int:
+    from ..core.errors import UsageError
     from ..evaluation.evaluate import run_evaluation
 
-    return run_evaluation(load_eval_config(args), stack=args.stack)
+    if args.attack_budget < 0:
+        raise UsageError(f"--attack-budget must be ≥ 0, got {args.attack_budget}")
+    cfg = load_eval_config(args)
+    bench = _attack_benchmark(cfg) if args.attack_budget else None  # checked before any work
+    code = run_evaluation(cfg, stack=args.stack)
+    if code == 0 and bench is not None:
+        bench.run(cfg, args.attack_budget)
+    return code
+
+
+def _attack_benchmark(cfg: RunConfig):
+    from ..evaluation.attacks import attack_for
+    from ..families.models import resolve_model
+
+    return attack_for(resolve_model(cfg.model).path)

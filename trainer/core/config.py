@@ -218,7 +218,8 @@ class TrainConfig(_Checked):
     preserve: str = _f("distill", choices=objectives.choices("preserve"))
     lambda_unlearn: float = _f(1.0, ge=0.0)
     lambda_preserve: float = _f(1.0, ge=0.0)
-    threshold: float = _f(0.5, ge=0.0, lt=1.0)  # τ stored in the adapter and used while training
+    # τ stored in the adapter and used while training; NaN = calibrated on held-out prompts (trainer.stages.calibrate)
+    threshold: float = _f(float("nan"), ge=0.0, lt=1.0, unset_nan=True)
     double_segments: list[str] = _f(factory=lambda: ["txt"], **_SEGMENTS)  # generators of double blocks
     single_segments: list[str] = _f(factory=lambda: ["txt"], **_SEGMENTS)  # generators of single blocks
     # generators per block kind, for any kind (wins over double/single_segments); a kind named in neither
@@ -235,6 +236,19 @@ class TrainConfig(_Checked):
     keep_checkpoints: int = _f(3, **_POS)
     gradient_checkpointing: bool = False
     log_every: int = _f(10, **_POS)
+
+
+@dataclass
+class CalibrateConfig(_Checked):
+    """Threshold calibration and the self-check on held-out prompts (trainer.stages.calibrate)."""
+
+    _prefix: ClassVar[str] = "calibrate."
+    holdout: float = _f(0.25, ge=0.0, lt=1.0)  # share of the unsafe and of the safe prompts kept out of collect/train
+    min_prompts: int = _f(8, **_POS)  # a set with fewer prompts is not split (calibration then uses the training prompts)
+    safe_share: float = _f(0.3, ge=0.0, lt=1.0)  # share of held-out safe prompts allowed a gated token at the calibrated τ
+    margin: float = _f(0.02, ge=0.0, lt=1.0)  # added to the safe prompts' risk quantile
+    min_unsafe: float = _f(0.5, ge=0.0, le=1.0)  # the self-check fails below this share of held-out unsafe prompts gated
+    check: bool = True  # run the self-check after training
 
 
 @dataclass
@@ -275,6 +289,7 @@ class RunConfig(_Checked):
     collect: CollectConfig = field(default_factory=CollectConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
 
     # -- conversion ---------------------------------------------------------------------------
@@ -491,7 +506,7 @@ def fingerprint(cfg: RunConfig, keys: list[str]) -> dict[str, Any]:
         node: Any = data
         for part in key.split("."):
             node = node[part]
-        if isinstance(node, dict) and key in ("prompts", "collect", "select", "train"):
+        if isinstance(node, dict) and key in ("prompts", "collect", "select", "train", "calibrate"):
             for k, v in node.items():
                 out[f"{key}.{k}"] = v
         else:

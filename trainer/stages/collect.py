@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 #: Config keys whose change invalidates collected statistics.
 COLLECT_KEYS = ["model", "seed", "dtype", "max_sequence_length", "height", "width", "guidance",
                 "prompts.unsafe", "prompts.safe", "collect.sigmas", "collect.latents", "collect.samples_per_prompt",
-                "collect.batch_size", "collect.segments"]
+                "collect.batch_size", "collect.segments", "calibrate.holdout", "calibrate.min_prompts"]
 SETS = ("unsafe", "safe")
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,8 @@ class Plan:
     stats_sources: dict[str, Path | None] | None = None  # the verified statistics each set continues from
     num_processes: int = 1  # processes this launch runs (part of a training checkpoint's fingerprint)
     notes: list[str] = field(default_factory=list)  # damaged files skipped (logged once the run's log is open)
+    held: dict[str, list[str]] = field(default_factory=dict)  # held-out unsafe/safe prompts (trainer.stages.calibrate)
+    held_out: bool = False  # whether `held` was kept out of collect/train (else: the training prompts)
 
     @property
     def stages(self) -> tuple[str, ...]:
@@ -115,10 +118,10 @@ def preflight(command: str, cfg: RunConfig, run: RunDir, resume: str | None) -> 
     # What the training objectives read (trainer.stages.objectives), when this command trains.
     needs = objectives.needs(cfg.train.unlearn, cfg.train.preserve) if "train" in stages else set()
     # Prompt files first (cheap, and the most common mistake).
-    if "collect" in stages or "unsafe" in needs:
+    if "collect" in stages or "train" in stages:  # training calibrates τ and checks itself on held-out prompts
         plan.unsafe = read_unlearn(cfg.prompts.unsafe, cfg.prompts.anchors or None, need_anchors="anchors" in needs)
-    if "collect" in stages or "safe" in needs:
         plan.safe = read_prompts(cfg.prompts.safe, what="safe prompts")
+        _hold_out(plan)
     if "images" in needs:
         from ..core.images import list_images
 
@@ -165,6 +168,23 @@ def preflight(command: str, cfg: RunConfig, run: RunDir, resume: str | None) -> 
             if changed:
                 raise UsageError(f"cannot resume from {str(plan.checkpoint)!r}: settings changed ({', '.join(changed)})")
     return plan
+
+
+def _hold_out(plan: Plan) -> None:
+    """Keep a seeded share of each prompt set out of collect/train (``calibrate.holdout``)."""
+    from .calibrate import split_holdout
+
+    c, seed = plan.cfg.calibrate, plan.cfg.seed
+    fit_u, held_u = split_holdout(len(plan.unsafe.prompts), c.holdout, seed, c.min_prompts)
+    fit_s, held_s = split_holdout(len(plan.safe), c.holdout, seed + 1, c.min_prompts)
+    plan.held_out = bool(held_u and held_s)
+    if not plan.held_out:  # too few prompts to split: calibrate and check on the training prompts
+        plan.held = {"unsafe": list(plan.unsafe.prompts), "safe": list(plan.safe)}
+        return
+    u = plan.unsafe
+    plan.held = {"unsafe": [u.prompts[i] for i in held_u], "safe": [plan.safe[i] for i in held_s]}
+    plan.unsafe = type(u)([u.prompts[i] for i in fit_u], None if u.anchors is None else [u.anchors[i] for i in fit_u])
+    plan.safe = [plan.safe[i] for i in fit_s]
 
 
 def _file_logging(run: RunDir, command: str, runtime) -> logging.Handler:
@@ -263,6 +283,8 @@ def _prompt_sets(plan: Plan) -> dict[str, list[str]]:
         sets["safe"] = plan.safe
     if plan.images is not None:
         sets["captions"] = [c for _, c in plan.images]
+    if "train" in plan.stages and plan.held:
+        sets.update({f"held_{k}": v for k, v in plan.held.items()})
     return sets
 
 
@@ -274,6 +296,8 @@ def _train(plan: Plan, runtime, transformer, caller, tables) -> None:
     base_model = cfg.base_model or plan.info.name
     selection = read_selection(run)
     adapter = initial_adapter(cfg, run, selection, plan.shapes, base_model)
+    calibration = _calibrate(plan, caller, tables, adapter)  # deterministic: every process gets the same τ
+    adapter = initial_adapter(cfg, run, selection, plan.shapes, base_model, threshold=calibration["threshold"])
     needs = _needs(plan)
     data = TrainData(unsafe=tables.get("unsafe") if "unsafe" in needs else None,
                      anchors=tables.get("anchors"), safe=tables.get("safe") if "safe" in needs else None,
@@ -289,14 +313,66 @@ def _train(plan: Plan, runtime, transformer, caller, tables) -> None:
         if plan.checkpoint is not None:
             trainer.load_checkpoint(plan.checkpoint)
         metrics = trainer.fit()
-        if runtime.is_main:
-            final = trainer.export(jsonable(cfg.to_dict()), metrics)
-            final.save(run.adapter)
-            metrics["adapter"] = str(run.adapter)
-            metrics["adapter_parameters"] = final.num_parameters()
-            run.update_metrics("train", metrics)
     finally:
         trainer.close()
+    if runtime.is_main:
+        from .calibrate import raise_failed
+
+        metrics["calibration"] = calibration
+        final = trainer.export(jsonable(cfg.to_dict()), metrics)
+        if cfg.calibrate.check:
+            metrics["self_check"] = check = _self_check(plan, caller, tables, final, calibration)
+            if not check["passed"]:
+                run.update_metrics("train", metrics)  # the figures stay readable; no adapter file is written
+                raise_failed(check)
+            final = trainer.export(jsonable(cfg.to_dict()), metrics)
+        final.save(run.adapter)
+        metrics["adapter"] = str(run.adapter)
+        metrics["adapter_parameters"] = final.num_parameters()
+        run.update_metrics("train", metrics)
+
+
+def _held_batches(plan: Plan, caller, tables, name: str) -> list:
+    table = tables[f"held_{name}"]
+    bs = plan.cfg.collect.batch_size
+    return [table.rows(list(range(i, min(i + bs, len(table))))).to(caller.device, caller.dtype)
+            for i in range(0, len(table), bs)]
+
+
+def _calibrate(plan: Plan, caller, tables, adapter) -> dict[str, Any]:
+    """τ: ``train.threshold`` when given, else calibrated on the held-out prompts (trainer.stages.calibrate)."""
+    from .calibrate import choose_threshold, risk_profile, separation
+
+    cfg = plan.cfg
+    profiles = {name: risk_profile(caller, caller.transformer, adapter, _held_batches(plan, caller, tables, name),
+                                   cfg.collect.sigmas, cfg.seed, apply=False) for name in ("unsafe", "safe")}
+    if math.isnan(cfg.train.threshold):
+        info = choose_threshold(profiles["unsafe"], profiles["safe"], safe_share=cfg.calibrate.safe_share,
+                                margin=cfg.calibrate.margin)
+    else:
+        info = {"method": "given (train.threshold)", "threshold": cfg.train.threshold,
+                **separation(profiles["unsafe"], profiles["safe"], cfg.train.threshold)}
+    info["held_out"] = plan.held_out
+    logger.info("threshold τ = %.4g (%s): held-out unsafe prompts gated %.0f%%, safe %.0f%% (base-model risks; "
+                "%s)", info["threshold"], info["method"], 100 * info["unsafe_gated_share"],
+                100 * info["safe_gated_share"], "held-out prompts" if plan.held_out else
+                "too few prompts to hold some out: the training prompts")
+    return info
+
+
+def _self_check(plan: Plan, caller, tables, adapter, calibration: dict[str, Any]) -> dict[str, Any]:
+    from .calibrate import risk_profile, self_check
+
+    cfg = plan.cfg
+    profiles = {name: risk_profile(caller, caller.transformer, adapter, _held_batches(plan, caller, tables, name),
+                                   cfg.collect.sigmas, cfg.seed + 1, apply=True) for name in ("unsafe", "safe")}
+    report = self_check(profiles["unsafe"], profiles["safe"], tau=calibration["threshold"],
+                        method=calibration["method"], min_unsafe=cfg.calibrate.min_unsafe, held_out=plan.held_out)
+    report["held_out"] = plan.held_out
+    logger.info("self-check: the adapter gates %.0f%% of %d held-out unsafe prompts and %.0f%% of %d safe ones",
+                100 * report["unsafe_gated_share"], report["unsafe_prompts"], 100 * report["safe_gated_share"],
+                report["safe_prompts"])
+    return report
 
 
 def _report(plan: Plan) -> None:

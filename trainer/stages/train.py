@@ -50,7 +50,7 @@ from .objectives import NONE, OBJECTIVES, ROLES
 logger = logging.getLogger(__name__)
 
 #: Config keys that must not change when a training run is resumed.
-TRAIN_KEYS = COLLECT_KEYS + ["prompts.anchors", "select", "mixed_precision", "concepts"] + [
+TRAIN_KEYS = COLLECT_KEYS + ["prompts.anchors", "select", "mixed_precision", "concepts", "calibrate"] + [
     f"train.{k}" for k in ("batch_size", "lr", "weight_decay", "unlearn", "preserve", "lambda_unlearn",
                            "lambda_preserve", "threshold", "double_segments", "single_segments", "segments", "init_std",
                            "unlearn_sigmas", "preserve_sigmas", "latents", "rollout_steps", "images")]
@@ -183,11 +183,15 @@ class TrainData:
 
 
 def initial_adapter(cfg: RunConfig, run: RunDir, selection: dict[tuple[str, int], list[int]],
-                    shapes, base_model: str) -> SafeRoPEAdapter:
+                    shapes, base_model: str, threshold: float | None = None) -> SafeRoPEAdapter:
     """The adapter with zero generators (identity) from the statistics and the selection.
 
-    Bases follow ``select.basis``: ``contrast`` (default) needs the safe statistics too.
+    Bases follow ``select.basis``: ``contrast`` (default) needs the safe statistics too. ``threshold``
+    (default ``train.threshold``; a calibrated τ when that is NaN, see :mod:`trainer.stages.calibrate`).
     """
+    tau = cfg.train.threshold if threshold is None else threshold
+    if math.isnan(tau):
+        tau = 0.5  # placeholder of an adapter whose τ is calibrated next (trainer.stages.calibrate)
     unsafe = GramAccumulator.load(run.stats_file("unsafe"))
     safe = GramAccumulator.load(run.stats_file("safe")) if cfg.select.basis == "contrast" else None
     segs = generator_segments(cfg, shapes)
@@ -197,7 +201,7 @@ def initial_adapter(cfg: RunConfig, run: RunDir, selection: dict[tuple[str, int]
                            f"({', '.join(f'{k}: {v}' for k, v in segs.items())}; train.double_segments, "
                            "train.single_segments, train.segments)")
     return assemble_adapter(unsafe, heads, rank=cfg.select.rank, blocks=shapes.blocks, arch=shapes.arch, segments=segs,
-                            threshold=cfg.train.threshold, concepts=cfg.concepts, base_model=base_model,
+                            threshold=tau, concepts=cfg.concepts, base_model=base_model,
                             basis_segment=cfg.select.segment, basis=cfg.select.basis, safe=safe,
                             contrast_weight=cfg.select.contrast_weight)
 

@@ -58,11 +58,15 @@ def register_extension() -> None:
     """Register the toy world with the trainer, as any extension does (:mod:`trainer.extensions`):
     ``--model toy`` is :data:`TOY_MODEL_DIR`, and ``--scorer toy`` (part of ``auto`` for that model) is
     :func:`make_scorer`."""
+    from trainer.evaluation.attacks import register_attack
     from trainer.evaluation.scorers import register_scorer
     from trainer.families.models import register_model
 
+    from . import attacks
+
     register_model("toy", TOY_MODEL_DIR)
     register_scorer("toy", make_scorer, auto=lambda ctx: ctx.model == "toy")
+    register_attack("toy", attacks.applies, attacks.evaluate_attacks)
 
 
 __all__ = ["TOY_MODEL_DIR", "make_scorer", "register_extension", "RECIPE_FILE", "Recipe", "load_recipe",
