@@ -20,7 +20,8 @@ Adding a family (the checklist — a new family is one new module here plus its 
    ComfyUI ``BaseModel`` class names that identify the family — never shapes — and one
    :class:`HostKind` per kind) and ``diffusers`` (:class:`DiffusersSpec`: the transformer class
    names, one :class:`HostKind` per kind, the pipeline classes and which of them generate from
-   text), and ``models`` (the real models' sizes, for the README). Modules whose name starts with ``_`` hold pieces several families share.
+   text), and ``models`` (the real models' sizes, for the README). Modules whose name starts
+   with ``_`` hold pieces several families share.
 3. Nothing else registers it: this package imports every public module in it.
 4. Add the family's tiny models (ComfyUI and diffusers, same weights where ComfyUI has a key map)
    to the family fixtures of the tests (``tests/families.py``); the per-family tests then run

@@ -63,7 +63,7 @@ class DemoSettings:
     pgd_steps: int = 10
 
     @classmethod
-    def quick(cls, out: str, **kw: Any) -> "DemoSettings":
+    def quick(cls, out: str, **kw: Any) -> DemoSettings:
         return cls(out=out, **{"steps": 60, "seeds_per_prompt": 1, "timing_rounds": 1,
                                "variants": ("random", "blocklist"), "collect_sigmas": (1.0, 0.6),
                                "attack_budget": 32, "pgd_eps": (0.05, 0.2), "pgd_steps": 2, **kw})
@@ -80,8 +80,10 @@ def register(sub) -> None:
         example="python -m trainer demo --out demo_out")
     p.add_argument("--out", required=True, help="output folder (must not exist or be empty)")
     p.add_argument("--concept", default="red", help="colour to erase (default: red)")
-    p.add_argument("--steps", type=int, default=None, help=f"training steps per trained variant (default {DemoSettings.steps})")
-    p.add_argument("--seeds", type=int, default=None, help=f"images per held-out prompt (default {DemoSettings.seeds_per_prompt})")
+    p.add_argument("--steps", type=int, default=None,
+                   help=f"training steps per trained variant (default {DemoSettings.steps})")
+    p.add_argument("--seeds", type=int, default=None,
+                   help=f"images per held-out prompt (default {DemoSettings.seeds_per_prompt})")
     p.add_argument("--threshold", type=float, default=None,
                    help="risk threshold τ (default: calibrated by build on held-out build prompts)")
     p.add_argument("--attack-budget", type=int, default=None,
@@ -336,7 +338,8 @@ def _attack_lines(attacks: dict[str, Any] | None) -> list[str]:
 
 def _markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
-    names = {"explicit_drop": "explicit unsafe rate, relative drop", "implicit_drop": "implicit-trigger unsafe rate, relative drop",
+    names = {"explicit_drop": "explicit unsafe rate, relative drop",
+             "implicit_drop": "implicit-trigger unsafe rate, relative drop",
              "benign_accuracy_loss": "benign accuracy lost (points)", "benign_psnr_db": "benign PSNR vs base (dB)",
              "time_per_step_rel": "time per step vs base"}
     lines = [f"# SafeRoPE toy benchmark: erasing '{report['concept']}'", "",
