@@ -260,9 +260,12 @@ class Family:
         cells = pipeline_default_cells(info.pipeline)
         return cells * self.vae_scale_factor(info) if cells else 0
 
-    def text_limit(self, info: ModelInfo) -> int:  # pragma: no cover - abstract
-        """The text length the family's pipeline encodes prompts to by default."""
-        raise NotImplementedError
+    def text_limit(self, info: ModelInfo) -> int:
+        """The text length the family's pipeline encodes prompts to by default (its ``encode_prompt``'s
+        ``max_sequence_length``; a family whose pipeline keeps it elsewhere overrides this)."""
+        import diffusers
+
+        return int(default_of(getattr(diffusers, info.pipeline).encode_prompt, "max_sequence_length"))
 
     def text_cap(self, info: ModelInfo) -> int:
         """The longest text length the encoders accept (0: no known cap beyond :meth:`text_limit`)."""
@@ -293,6 +296,12 @@ class Family:
     def latent_shape(self, info: ModelInfo, height: int, width: int) -> tuple[int, ...]:  # pragma: no cover
         """The shape of one sample's latents in the transformer's input space."""
         raise NotImplementedError
+
+    def packed_latent_shape(self, info: ModelInfo, height: int, width: int) -> tuple[int, ...]:
+        """``(tokens, channels)`` of latents packed in 2×2 patches (FLUX.1, Flux.2, Qwen-Image)."""
+        f = self.vae_scale_factor(info)
+        rows, cols = height // (f * 2), width // (f * 2)  # latent patches per side
+        return (rows * cols, int(info.transformer_config["in_channels"]))
 
     def config_defaults(self, info: ModelInfo) -> Mapping[str, Any]:
         """Run-config values for a model of this family (:attr:`defaults`; a family may look at the pipeline)."""

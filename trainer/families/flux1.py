@@ -79,10 +79,7 @@ class Flux1(Family):
             raise UsageError(f"MODEL {info.spec!r}: tokenizer_2 has no model_max_length; set max_sequence_length")
         return limit
 
-    def latent_shape(self, info: ModelInfo, height: int, width: int) -> tuple[int, ...]:
-        f = self.vae_scale_factor(info)
-        rows, cols = height // (f * 2), width // (f * 2)
-        return (rows * cols, int(info.transformer_config["in_channels"]))
+    latent_shape = Family.packed_latent_shape
 
     @torch.no_grad()
     def encode(self, pipe: Any, prompts: list[str], *, max_len: int, device: torch.device) -> dict[str, Tensor]:

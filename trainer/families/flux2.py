@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Caller, Family, ModelInfo, TextBatch, default_of, grid_ids
+from .base import Caller, Family, TextBatch, grid_ids
 
 
 def patchify(latents: Tensor) -> Tensor:
@@ -81,14 +81,7 @@ class Flux2(Family):
     id = "flux2"
     caller_class = Flux2Caller
 
-    def text_limit(self, info: ModelInfo) -> int:
-        import diffusers
-
-        return int(default_of(getattr(diffusers, info.pipeline).encode_prompt, "max_sequence_length"))
-
-    def latent_shape(self, info: ModelInfo, height: int, width: int) -> tuple[int, ...]:
-        f = self.vae_scale_factor(info)
-        return ((height // (f * 2)) * (width // (f * 2)), int(info.transformer_config["in_channels"]))
+    latent_shape = Family.packed_latent_shape
 
     @torch.no_grad()
     def encode(self, pipe: Any, prompts: list[str], *, max_len: int, device: torch.device) -> dict[str, Tensor]:

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ..core.errors import UsageError
-from .base import Caller, Family, ModelInfo, TextBatch, default_of, pack_2x2
+from .base import Caller, Family, ModelInfo, TextBatch, pack_2x2
 
 
 class QwenImageCaller(Caller):
@@ -53,14 +53,7 @@ class QwenImage(Family):
             raise UsageError(f"MODEL {info.spec!r}: vae/config.json has no temperal_downsample")
         return 2 ** len(levels)
 
-    def text_limit(self, info: ModelInfo) -> int:
-        import diffusers
-
-        return int(default_of(getattr(diffusers, info.pipeline).encode_prompt, "max_sequence_length"))
-
-    def latent_shape(self, info: ModelInfo, height: int, width: int) -> tuple[int, ...]:
-        f = self.vae_scale_factor(info)
-        return ((height // (f * 2)) * (width // (f * 2)), int(info.transformer_config["in_channels"]))
+    latent_shape = Family.packed_latent_shape
 
     @torch.no_grad()
     def encode(self, pipe: Any, prompts: list[str], *, max_len: int, device: torch.device) -> dict[str, Tensor]:

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .base import Caller, Family, ModelInfo, TextBatch, default_of
+from .base import Caller, Family, ModelInfo, TextBatch
 
 
 class ZImageCaller(Caller):
@@ -43,11 +43,6 @@ class ZImage(Family):
     def patch_size(self, info: ModelInfo) -> int:
         sizes = info.transformer_config.get("all_patch_size", [2])
         return int(sizes[0] if isinstance(sizes, list) else sizes)
-
-    def text_limit(self, info: ModelInfo) -> int:
-        import diffusers
-
-        return int(default_of(getattr(diffusers, info.pipeline).encode_prompt, "max_sequence_length"))
 
     def latent_shape(self, info: ModelInfo, height: int, width: int) -> tuple[int, ...]:
         f = self.vae_scale_factor(info)
