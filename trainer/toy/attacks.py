@@ -187,7 +187,7 @@ def pgd_attack(pipe, recipe: Recipe, adapters: Sequence, concept: str, *, epsilo
     success rate on held-out seeds, the largest |δ|/rms reached (≤ ε) and the prompts attacked."""
     from saferope_engine.diffusers import apply_saferope
 
-    from ..families.flux1 import image_ids
+    from ..families.base import grid_ids
 
     texts = list(prompts) if prompts is not None else [p.text for p in world.explicit_prompts(concept, "eval")]
     tr = pipe.transformer
@@ -197,7 +197,7 @@ def pgd_attack(pipe, recipe: Recipe, adapters: Sequence, concept: str, *, epsilo
     B, L, _ = embeds.shape
     f = pipe.vae_scale_factor
     h, w = 2 * (recipe.height // (f * 2)), 2 * (recipe.width // (f * 2))
-    img_ids = image_ids(h // 2, w // 2)
+    img_ids = grid_ids(h // 2, w // 2, 3, 1, 2)  # (rows·cols, 3): (0, row, col) per packed latent patch
     txt_ids = torch.zeros(L, 3)
     C = tr.config.in_channels
     g = torch.Generator().manual_seed(seed)
