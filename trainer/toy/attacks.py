@@ -187,26 +187,25 @@ def pgd_attack(pipe, recipe: Recipe, adapters: Sequence, concept: str, *, epsilo
     success rate on held-out seeds, the largest |δ|/rms reached (≤ ε) and the prompts attacked."""
     from saferope_engine.diffusers import apply_saferope
 
-    from ..families.base import grid_ids
+    from ..families import family
+    from ..families.base import TextBatch
+    from ..families.models import resolve_model
 
     texts = list(prompts) if prompts is not None else [p.text for p in world.explicit_prompts(concept, "eval")]
     tr = pipe.transformer
     with torch.no_grad():
         embeds, pooled, _ = pipe.encode_prompt(prompt=texts, prompt_2=texts, max_sequence_length=recipe.max_sequence_length)
     rms = embeds.pow(2).mean(dim=(1, 2), keepdim=True).sqrt()  # (B, 1, 1)
-    B, L, _ = embeds.shape
-    f = pipe.vae_scale_factor
-    h, w = 2 * (recipe.height // (f * 2)), 2 * (recipe.width // (f * 2))
-    img_ids = grid_ids(h // 2, w // 2, 3, 1, 2)  # (rows·cols, 3): (0, row, col) per packed latent patch
-    txt_ids = torch.zeros(L, 3)
-    C = tr.config.in_channels
+    B = embeds.shape[0]
+    # the trainer's own FLUX.1 call (packed latents, position ids, guidance) on the toy's transformer
+    caller = family("flux1").caller(tr, resolve_model(str(pipe.name_or_path)), recipe.height, recipe.width,
+                                    recipe.guidance_scale, torch.device("cpu"), torch.float32)
     g = torch.Generator().manual_seed(seed)
-    xs = [torch.randn(B, (h // 2) * (w // 2), C, generator=g) for _ in sigmas]
-    guidance = torch.full((B,), recipe.guidance_scale) if tr.config.guidance_embeds else None
+    xs = [caller.noise(B, g) for _ in sigmas]
+    mask = torch.ones(embeds.shape[:2], dtype=torch.bool)
 
     def velocity(e: torch.Tensor, x: torch.Tensor, s: float) -> torch.Tensor:
-        return tr(hidden_states=x, timestep=torch.full((B,), s), guidance=guidance, pooled_projections=pooled,
-                  encoder_hidden_states=e, txt_ids=txt_ids, img_ids=img_ids, return_dict=False)[0]
+        return caller.velocity(x, torch.full((B,), s), TextBatch({"embeds": e, "mask": mask, "pooled": pooled}))
 
     for p in tr.parameters():
         p.requires_grad_(False)
