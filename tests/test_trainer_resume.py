@@ -99,31 +99,17 @@ def test_resume_refuses_changed_settings(selected, tmp_path, cli):
 
 
 def test_collect_resumes_after_interruption(selected, tiny_flux, tmp_path, cli, monkeypatch):
-    import trainer.stages.collect as collect
     from saferope_engine.subspace import GramAccumulator
 
     cfg_dir = selected.parent
-    args = ["-q", "collect", "--config", cfg_dir / "config.toml", "--out", tmp_path / "run",
-            "--set", "collect.batch_size=1", "--set", "collect.save_every=1"]
     full = ["-q", "collect", "--config", cfg_dir / "config.toml", "--out", tmp_path / "full",
             "--set", "collect.batch_size=1", "--set", "collect.save_every=1"]
     assert cli(*full)[0] == 0
 
-    real = collect._observe_sample
-    calls = {"n": 0}
-
-    def flaky(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 4:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(collect, "_observe_sample", flaky)
-    code, _, err = cli(*args)
-    assert code == 130 and "--resume latest" in err
+    args, err = _interrupted_collect(cfg_dir, tmp_path / "run", cli, monkeypatch)
+    assert "--resume latest" in err
     meta = GramAccumulator.metadata_of(tmp_path / "run/stats/unsafe.safetensors")
     assert meta["complete"] == "0" and meta["next_batch"] == "3"
-    monkeypatch.setattr(collect, "_observe_sample", real)
     code, _, err = cli(*args)
     assert code == 2 and "--resume latest" in err  # partial statistics are not silently restarted
     code, _, err = cli(*args, "--resume", "latest")
@@ -292,8 +278,9 @@ def test_absurd_generators_stop_the_run_naming_the_cause(flags, needle, selected
     assert not (run / "adapter.safetensors").exists() and not (run / "checkpoints").exists()
 
 
-def _interrupted_collect(cfg_dir: Path, out: Path, cli, monkeypatch) -> list:
-    """Collect with a save after every batch, interrupted in the 4th batch (3 of 6 unsafe batches saved)."""
+def _interrupted_collect(cfg_dir: Path, out: Path, cli, monkeypatch) -> tuple[list, str]:
+    """Collect with a save after every batch, interrupted in the 4th batch (3 of 6 unsafe batches saved).
+    Returns the command's arguments and its stderr; the stage is restored for the next call."""
     import trainer.stages.collect as collect
 
     args = ["-q", "collect", "--config", cfg_dir / "config.toml", "--out", out,
@@ -308,9 +295,10 @@ def _interrupted_collect(cfg_dir: Path, out: Path, cli, monkeypatch) -> list:
         return real(*a, **k)
 
     monkeypatch.setattr(collect, "_observe_sample", flaky)
-    assert cli(*args)[0] == 130
+    code, _, err = cli(*args)
+    assert code == 130, err
     monkeypatch.setattr(collect, "_observe_sample", real)
-    return args
+    return args, err
 
 
 def test_collect_falls_back_to_the_previous_statistics_save(selected, tmp_path, cli, monkeypatch):
@@ -321,7 +309,7 @@ def test_collect_falls_back_to_the_previous_statistics_save(selected, tmp_path, 
             "--set", "collect.batch_size=1", "--set", "collect.save_every=1"]
     assert cli(*full)[0] == 0
     run = tmp_path / "run"
-    args = _interrupted_collect(cfg_dir, run, cli, monkeypatch)
+    args, _ = _interrupted_collect(cfg_dir, run, cli, monkeypatch)
     prev = GramAccumulator.metadata_of(run / "stats/unsafe.prev.safetensors")
     assert prev["next_batch"] == "2" and prev["complete"] == "0"
     _truncate(run / "stats/unsafe.safetensors")
@@ -341,7 +329,7 @@ def test_collect_falls_back_to_the_previous_statistics_save(selected, tmp_path, 
 
 def test_collect_without_intact_statistics_names_the_files(selected, tmp_path, cli, monkeypatch):
     run = tmp_path / "run"
-    args = _interrupted_collect(selected.parent, run, cli, monkeypatch)
+    args, _ = _interrupted_collect(selected.parent, run, cli, monkeypatch)
     _truncate(run / "stats/unsafe.safetensors")
     _truncate(run / "stats/unsafe.prev.safetensors")
     before = _snapshot(run)
