@@ -27,10 +27,12 @@ def scenario(fn: Callable[[Context], dict]) -> Callable[[Context], dict]:
 
 
 def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Exact max |a - b| (0.0 means bit-identical values)."""
     return float((a.float() - b.float()).abs().max())
 
 
 def error_of(fn: Callable[[], Any]) -> dict:
+    """What ``fn()`` raised: type, its bases and the message (``raised: None`` when it returned)."""
     try:
         fn()
     except Exception as e:  # noqa: BLE001

@@ -17,6 +17,7 @@ from typing import Any
 
 import family_models as fm
 import torch
+from driver_scenarios import error_of, maxdiff  # the main driver's record helpers
 
 SCENARIOS: dict[str, Callable[[Case], dict]] = {}
 #: Scenarios for models SafeRoPE must refuse; every other scenario needs a supported family.
@@ -34,20 +35,6 @@ def applies(name: str, c: Case) -> bool:
     if c.tiny.family is None:
         return name in UNSUPPORTED_SCENARIOS
     return name not in UNSUPPORTED_SCENARIOS
-
-
-def maxdiff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Exact max |a - b| (0.0 means bit-identical values)."""
-    return float((a.float() - b.float()).abs().max())
-
-
-def error_of(fn: Callable[[], Any]) -> dict:
-    """What ``fn()`` raised: type, its bases and the message (``raised: None`` when it returned)."""
-    try:
-        fn()
-    except Exception as e:  # noqa: BLE001
-        return {"raised": type(e).__name__, "bases": [c.__name__ for c in type(e).__mro__], "message": str(e)}
-    return {"raised": None}
 
 
 def state(model: Any) -> str:
