@@ -95,3 +95,42 @@ def test_build_fails_and_writes_no_adapter_when_it_would_gate_nothing(tiny_flux,
     assert not (out / "adapter.safetensors").exists()
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train"]["self_check"]["passed"] is False
+
+
+def _exporter(zero: set[str] | None):
+    """A stand-in for a Trainer after ``fit``: the initial adapter and its ``W`` parameters, those named in
+    ``zero`` (every one with ``None``) never updated: exactly zero, as when no token of their segment reached τ."""
+    from types import SimpleNamespace
+
+    from saferope_engine.testing import random_adapter
+
+    adapter = random_adapter(num_heads=2, head_dim=8, model_blocks={"double": 2, "single": 1}, rank=2)
+    g = torch.Generator().manual_seed(0)
+    params = {f"{b.key}.A_{seg}": torch.nn.Parameter(torch.zeros(2, 2, 2) if zero is None or f"{b.key}.A_{seg}" in zero
+                                                     else torch.randn(2, 2, 2, generator=g))
+              for b in adapter.blocks.values() for seg in ("txt", "img") if b.generator(seg) is not None}
+    return SimpleNamespace(adapter=adapter, params=params)
+
+
+def test_export_leaves_out_generators_that_never_trained_and_names_them(tmp_path, caplog):
+    from saferope_engine import load_adapter
+    from trainer.stages.train import Trainer
+
+    fake = _exporter({"double.1.A_img", "single.0.A_txt", "single.0.A_img"})
+    with caplog.at_level("WARNING"):
+        out = Trainer.export(fake, {}, {"loss": 1.0})
+    assert out.meta.config["metrics"]["untrained_generators"] == ["double.1.A_img", "single.0.A_img", "single.0.A_txt"]
+    assert "double.1.A_img" in caplog.text
+    assert set(out.blocks) == {("double", 0), ("double", 1)}  # single.0 had no trained generator left
+    assert out.blocks[("double", 1)].generator("img") is None and out.blocks[("double", 1)].generator("txt") is not None
+    out.save(tmp_path / "a.safetensors")  # a valid file (an all-zero generator would be refused)
+    assert set(load_adapter(tmp_path / "a.safetensors").blocks) == {("double", 0), ("double", 1)}
+
+
+def test_export_fails_when_no_generator_trained():
+    from trainer.core.errors import TrainerError
+    from trainer.stages.train import Trainer
+
+    fake = _exporter(None)
+    with pytest.raises(TrainerError, match="no generator was trained.*lower train.threshold"):
+        Trainer.export(fake, {}, {})
