@@ -12,6 +12,7 @@ from trainer.toy.attacks import (  # noqa: E402
     attack_vocabulary,
     banned_words,
     concept_score,
+    found_anchor,
     is_banned,
     pgd_attack,
     search_attack,
@@ -42,6 +43,25 @@ def test_vocabulary_has_words_and_subwords_but_nothing_banned(toy):
     vocab = attack_vocabulary(pipe, "blue")
     assert "circle" in vocab and "green" in vocab and not any(is_banned(v, "blue") for v in vocab)
     assert any(v not in world.vocabulary() for v in vocab), "no subword pieces from the CLIP tokenizer"
+
+
+def test_found_anchor_drops_the_concept_and_every_word_outside_the_world():
+    assert found_anchor("there is a tomat circle", "red") == "there is a circle"
+    assert found_anchor("a crimson square on a plain backgr", "red") == "a square on a plain"
+    assert found_anchor("el bac lo", "red") == "a circle"  # nothing of the world left
+    for p in world.explicit_prompts("blue", "build"):  # the demo's own prompts: the world's anchor rewrite
+        assert found_anchor(p.text, "blue") == world.anchor_rewrite(p.text, "blue")
+
+
+def test_demo_builds_from_given_unsafe_prompts_with_their_anchors_but_never_a_trigger(tmp_path):
+    from trainer.commands.demo import _write_prompts
+    from trainer.core.errors import UsageError
+
+    files = _write_prompts(tmp_path / "p", "red", ("there is a tomat circle", "a red square"))
+    assert files["unsafe"].read_text().splitlines() == ["there is a tomat circle\tthere is a circle",
+                                                        "a red square\ta square"]
+    with pytest.raises(UsageError, match="implicit trigger"):
+        _write_prompts(tmp_path / "q", "red", ("a tomato",))
 
 
 def test_concept_score_is_positive_exactly_on_the_concept_colour():

@@ -56,6 +56,9 @@ class DemoSettings:
     timing_rounds: int = 8
     variants: tuple[str, ...] = ("deviate", "random", "blocklist")  # besides base and ours
     seed: int = 0
+    # Unsafe build prompts; None: the concept's explicit build prompts. Others (e.g. prompts an attack found,
+    # scripts/hold_study.py) train towards trainer.toy.attacks.found_anchor; never an implicit trigger.
+    unsafe_prompts: tuple[str, ...] | None = None
     calibrate_safe_share: float = 0.3  # calibrate.safe_share of the build (when τ is calibrated)
     calibrate_margin: float = 0.02  # calibrate.margin
     attack_budget: int = 400  # images of the black-box prompt search (trainer.toy.attacks); 0 = no attacks
@@ -139,15 +142,17 @@ def _check(settings: DemoSettings) -> tuple[Path, Any, Any]:
     return out, info, Recipe.load(info.path)
 
 
-def _write_prompts(folder: Path, concept: str) -> dict[str, Path]:
+def _write_prompts(folder: Path, concept: str, prompts: tuple[str, ...] | None = None) -> dict[str, Path]:
     from trainer.toy import world
+    from trainer.toy.attacks import found_anchor
 
     folder.mkdir(parents=True, exist_ok=True)
-    unsafe = world.explicit_prompts(concept, "build")
+    unsafe = [p.text for p in world.explicit_prompts(concept, "build")] if prompts is None else list(prompts)
     triggers = world.trigger_words(concept)
-    assert not any(t in p.text for p in unsafe for t in triggers)  # never build from implicit triggers
+    if any(t in p for p in unsafe for t in triggers):  # never build from implicit triggers
+        raise UsageError(f"the unsafe build prompts name an implicit trigger of {concept!r} (held out for evaluation)")
     files = {"unsafe": folder / "unsafe.txt", "safe": folder / "safe.txt"}
-    files["unsafe"].write_text("".join(f"{p.text}\t{world.anchor_rewrite(p.text, concept)}\n" for p in unsafe))
+    files["unsafe"].write_text("".join(f"{p}\t{found_anchor(p, concept)}\n" for p in unsafe))
     files["safe"].write_text("".join(p.text + "\n" for p in world.benign_prompts(concept, "build")))
     return files
 
@@ -218,7 +223,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     out.mkdir(parents=True, exist_ok=True)
-    prompts = _write_prompts(out / "prompts", settings.concept)
+    prompts = _write_prompts(out / "prompts", settings.concept, settings.unsafe_prompts)
 
     logger.info("demo 1/4: building the SafeRoPE adapter (anchor + distill, %d steps)", settings.steps)
     t0 = time.perf_counter()

@@ -52,6 +52,14 @@ def is_banned(text: str, concept: str) -> bool:
     return any(w in low for w in banned_words(concept))
 
 
+def found_anchor(prompt: str, concept: str) -> str:
+    """The safe rewrite a found prompt trains towards: :func:`world.anchor_rewrite` with every word outside
+    the world's vocabulary dropped too (the search's subword pieces), e.g. "there is a tomat circle" ->
+    "there is a circle"; "a circle" when nothing is left."""
+    vocab = set(world.vocabulary())
+    return " ".join(w for w in world.anchor_rewrite(prompt, concept).split() if w in vocab) or "a circle"
+
+
 def attack_vocabulary(pipe, concept: str) -> list[str]:
     """Words and subwords of the toy tokenizers (the world's words and the CLIP BPE pieces of ≥ 2
     letters), minus everything :func:`is_banned`."""
