@@ -127,10 +127,19 @@ def test_export_leaves_out_generators_that_never_trained_and_names_them(tmp_path
     assert set(load_adapter(tmp_path / "a.safetensors").blocks) == {("double", 0), ("double", 1)}
 
 
-def test_export_fails_when_no_generator_trained():
+def test_export_keeps_every_generator_when_none_trained_and_the_file_is_refused():
     from trainer.core.errors import TrainerError
-    from trainer.stages.train import Trainer
+    from trainer.stages.train import Trainer, raise_untrained
 
-    fake = _exporter(None)
+    out = Trainer.export(_exporter(None), {}, {})  # all kept: the self-check can still report its figures
+    assert len(out.meta.config["metrics"]["untrained_generators"]) == 6 and len(out.blocks) == 3
     with pytest.raises(TrainerError, match="no generator was trained.*lower train.threshold"):
-        Trainer.export(fake, {}, {})
+        raise_untrained(out)
+    raise_untrained(Trainer.export(_exporter({"single.0.A_txt"}), {}, {}))  # some trained: a valid file
+
+
+def test_build_without_self_check_refuses_an_adapter_that_never_trained(tiny_flux, tmp_path, capsys):
+    code, out = _build(tiny_flux, tmp_path, {"train.threshold": 0.999, "calibrate.check": "false"})
+    err = capsys.readouterr().err
+    assert code == 1 and "no generator was trained" in err, err
+    assert not (out / "adapter.safetensors").exists()

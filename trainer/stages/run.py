@@ -290,7 +290,7 @@ def _prompt_sets(plan: Plan) -> dict[str, list[str]]:
 
 def _train(plan: Plan, runtime, transformer, caller, tables) -> None:
     from .select import read_selection
-    from .train import TrainData, Trainer, initial_adapter, train_fingerprint
+    from .train import TrainData, Trainer, initial_adapter, raise_untrained, train_fingerprint
 
     cfg, run = plan.cfg, plan.run
     base_model = cfg.base_model or plan.info.name
@@ -326,6 +326,7 @@ def _train(plan: Plan, runtime, transformer, caller, tables) -> None:
                 run.update_metrics("train", metrics)  # the figures stay readable; no adapter file is written
                 raise_failed(check)
             final = trainer.export(jsonable(cfg.to_dict()), metrics)
+        raise_untrained(final)
         final.save(run.adapter)
         metrics["adapter"] = str(run.adapter)
         metrics["adapter_parameters"] = final.num_parameters()

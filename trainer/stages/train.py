@@ -435,24 +435,33 @@ class Trainer:
         gens = generators_of(self.params)
         # A generator still exactly zero never had a gradient: no token of its segment reached τ in any
         # training step. It would rotate nothing (and the file format refuses it), so it is left out and
-        # named in the metrics; a build in which no generator trained at all fails.
+        # named in the metrics. When none trained they all stay, so that the self-check can report its
+        # figures; :func:`raise_untrained` then refuses the file.
         untrained = sorted(k for k, A in gens.items() if not bool(A.any()))
-        if untrained and len(untrained) == len(gens):
-            raise TrainerError(
-                f"no generator was trained: no token of a segment with a generator reached τ = "
-                f"{self.adapter.meta.threshold:.3g} in any training step ({', '.join(untrained[:8])}"
-                f"{' …' if len(untrained) > 8 else ''}); lower train.threshold or leave it unset (calibrated)")
         if untrained:
-            logger.warning("left out of the adapter (no token of their segment reached τ during training): %s",
-                           ", ".join(untrained))
             metrics = {**metrics, "untrained_generators": untrained}
-        gens = {k: A for k, A in gens.items() if k not in untrained}
+            if len(untrained) < len(gens):
+                logger.warning("left out of the adapter (no token of their segment reached τ during training): %s",
+                               ", ".join(untrained))
+                gens = {k: A for k, A in gens.items() if k not in untrained}
         config = jsonable({"builder": "saferope trainer", "version": _version(), "config": cfg_json,
                            "metrics": metrics})
         blocks = [BlockAdapter(b.kind, b.index, b.heads, b.U_q, b.U_k, gens.get(f"{b.key}.A_txt"),
                                gens.get(f"{b.key}.A_img")) for b in self.adapter.blocks.values()
                   if f"{b.key}.A_txt" in gens or f"{b.key}.A_img" in gens]
         return SafeRoPEAdapter(replace(self.adapter.meta, config=config), blocks)
+
+
+def raise_untrained(adapter: SafeRoPEAdapter) -> None:
+    """Refuse an exported adapter none of whose generators trained (``Trainer.export`` keeps them then)."""
+    metrics = (adapter.meta.config or {}).get("metrics", {})
+    untrained = metrics.get("untrained_generators", [])
+    gens = [f"{b.key}.A_{seg}" for b in adapter.blocks.values() for seg in ("txt", "img") if b.generator(seg) is not None]
+    if untrained and set(gens) <= set(untrained):
+        raise TrainerError(
+            f"no generator was trained: no token of a segment with a generator reached τ = "
+            f"{adapter.meta.threshold:.3g} in any training step ({', '.join(untrained[:8])}"
+            f"{' …' if len(untrained) > 8 else ''}); lower train.threshold or leave it unset (calibrated)")
 
 
 def _backward(loss: Tensor) -> None:
