@@ -14,7 +14,8 @@
 Each variant is scored on the held-out prompts (the demo's benchmark, one image per prompt) and by an
 *evaluation* search with another seed (2) and the same budget, whose found prompts are redrawn on
 held-out seeds with the variant and with the base model. A build that its self-check refuses is a row
-saying so. Writes ``OUT/hold.md`` and ``OUT/hold.json``; prints the table.
+saying so. Writes ``OUT/hold.md``, ``OUT/hold.json`` and ``OUT/found-<concept>.txt`` (every prompt a
+search found); prints the table.
 """
 
 from __future__ import annotations
@@ -192,6 +193,8 @@ def main() -> None:
                       f"{_pct(swap['clip_only'])}, neither {_pct(swap['neither'])}."]
     table = "\n".join(lines) + "\n"
     (args.out / "hold.md").write_text(table)
+    every = dict.fromkeys(list(found) + [f["prompt"] for v in variants.values() for f in v.get("search", {}).get("found", [])])
+    (args.out / f"found-{c}.txt").write_text("".join(p + "\n" for p in every))  # for scripts/key_ablation.py
     (args.out / "hold.json").write_text(json.dumps({"concept": c, "budget": args.budget, "training_search": train_search,
                                                     "variants": variants, "encoder_swap": swap}, indent=2, default=str) + "\n")
     print(table)
