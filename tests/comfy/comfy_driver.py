@@ -13,7 +13,6 @@ types and messages) go to the JSON file; the tests assert on them.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import sys
@@ -24,7 +23,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
-import driver_assets  # noqa: E402  (helpers next to this script, imported before ComfyUI)
+import comfy_boot  # noqa: E402  (helpers next to this script, imported before ComfyUI)
+import driver_assets  # noqa: E402
 import driver_compat  # noqa: E402,F401  (registers the compatibility scenarios, run after the others)
 import driver_scenarios  # noqa: E402
 import trees  # noqa: E402
@@ -33,32 +33,17 @@ sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (HERE, REP
 
 
 def boot(comfy_path: str, work: Path) -> dict:
-    """Import ComfyUI as main.py does (CPU, base directory under ``work``) and load all nodes."""
-    base = work / "base"
-    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
-    links = [("comfyui-saferope", REPO), ("saferope_test_support", HERE / "support_nodes")]
+    """ComfyUI with the pack, the test-only ``support_nodes`` and the third-party packs present."""
     packs = trees.nodepacks_dir()
+    links = [("comfyui-saferope", REPO), ("saferope_test_support", HERE / "support_nodes")]
     links += [(p.folder, packs / p.folder) for p in trees.PACKS.values() if (packs / p.folder).is_dir()]
-    for name, target in links:
-        link = base / "custom_nodes" / name
-        if not link.exists():
-            link.symlink_to(target, target_is_directory=True)
-    sys.path.insert(0, comfy_path)
-    sys.argv = [sys.argv[0], "--cpu", "--base-directory", str(base), "--disable-api-nodes"]
-    import comfy.options
+    info = comfy_boot.boot(comfy_path, work, links)
+    import nodes  # ComfyUI's, loaded by the boot
 
-    comfy.options.enable_args_parsing()
-    import utils.extra_config  # noqa: F401  (as main.py: claims the name 'utils' for ComfyUI's package)
-
-    import nodes
-
-    t = time.time()
-    failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
     loaded = getattr(nodes, "LOADED_MODULE_DIRS", {})
     third_party = {key: {"folder": p.folder, "present": (packs / p.folder).is_dir(), "loaded": p.folder in loaded}
                    for key, p in trees.PACKS.items()}
-    return {"init_s": round(time.time() - t, 2), "builtin_import_failed": list(failed or []),
-            "nodepacks": str(packs), "third_party": third_party}
+    return {**info, "nodepacks": str(packs), "third_party": third_party}
 
 
 def main() -> int:

@@ -13,7 +13,6 @@ messages); the tests assert on it.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import logging
 import os
@@ -25,33 +24,13 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 
-import family_models  # noqa: E402  (helpers next to this script, imported before ComfyUI)
+import comfy_boot  # noqa: E402  (helpers next to this script, imported before ComfyUI)
+import family_models  # noqa: E402
 import family_scenarios  # noqa: E402
 import family_table  # noqa: E402
 
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() not in (HERE, REPO)]  # keep ComfyUI's namespace clean
 logger = logging.getLogger("family_driver")
-
-
-def boot(comfy_path: str, work: Path) -> dict:
-    """Import ComfyUI as main.py does (CPU, base directory under ``work``) and load the custom nodes."""
-    base = work / "base"
-    (base / "custom_nodes").mkdir(parents=True, exist_ok=True)
-    link = base / "custom_nodes" / "comfyui-saferope"
-    if not link.exists():
-        link.symlink_to(REPO, target_is_directory=True)
-    sys.path.insert(0, comfy_path)
-    sys.argv = [sys.argv[0], "--cpu", "--base-directory", str(base), "--disable-api-nodes"]
-    import comfy.options
-
-    comfy.options.enable_args_parsing()
-    import utils.extra_config  # noqa: F401  (as main.py: claims the name 'utils' for ComfyUI's package)
-
-    import nodes
-
-    t = time.time()
-    failed = asyncio.run(nodes.init_extra_nodes(init_custom_nodes=True, init_api_nodes=False))
-    return {"init_s": round(time.time() - t, 2), "builtin_import_failed": list(failed or [])}
 
 
 def main() -> int:
@@ -64,7 +43,8 @@ def main() -> int:
     a = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     tree = Path(a.comfyui)
-    results: dict = {"boot": boot(a.comfyui, a.work), "version": family_table.version(tree),
+    booted = comfy_boot.boot(a.comfyui, a.work, [("comfyui-saferope", REPO)])
+    results: dict = {"boot": booted, "version": family_table.version(tree),
                      "families": family_table.families_in(tree), "unsupported": family_table.unsupported_in(tree),
                      "cases": {}}
     import comfy.utils
