@@ -290,14 +290,14 @@ def _prompt_sets(plan: Plan) -> dict[str, list[str]]:
 
 def _train(plan: Plan, runtime, transformer, caller, tables) -> None:
     from .select import read_selection
-    from .train import TrainData, Trainer, initial_adapter, raise_untrained, train_fingerprint
+    from .train import TrainData, Trainer, initial_adapter, raise_untrained, train_fingerprint, with_metrics, with_threshold
 
     cfg, run = plan.cfg, plan.run
     base_model = cfg.base_model or plan.info.name
     selection = read_selection(run)
     adapter = initial_adapter(cfg, run, selection, plan.shapes, base_model)
     calibration = _calibrate(plan, caller, tables, adapter)  # deterministic: every process gets the same τ
-    adapter = initial_adapter(cfg, run, selection, plan.shapes, base_model, threshold=calibration["threshold"])
+    adapter = with_threshold(adapter, calibration["threshold"])
     needs = _needs(plan)
     data = TrainData(unsafe=tables.get("unsafe") if "unsafe" in needs else None,
                      anchors=tables.get("anchors"), safe=tables.get("safe") if "safe" in needs else None,
@@ -319,13 +319,14 @@ def _train(plan: Plan, runtime, transformer, caller, tables) -> None:
         from .calibrate import raise_failed
 
         metrics["calibration"] = calibration
-        final = trainer.export(jsonable(cfg.to_dict()), metrics)
+        cfg_json = jsonable(cfg.to_dict())
+        final = trainer.export(cfg_json, metrics)
         if cfg.calibrate.check:
             metrics["self_check"] = check = _self_check(plan, caller, tables, final, calibration)
             if not check["passed"]:
                 run.update_metrics("train", metrics)  # the figures stay readable; no adapter file is written
                 raise_failed(check)
-            final = trainer.export(jsonable(cfg.to_dict()), metrics)
+            final = with_metrics(final, cfg_json, metrics)
         raise_untrained(final)
         final.save(run.adapter)
         metrics["adapter"] = str(run.adapter)

@@ -183,15 +183,15 @@ class TrainData:
 
 
 def initial_adapter(cfg: RunConfig, run: RunDir, selection: dict[tuple[str, int], list[int]],
-                    shapes, base_model: str, threshold: float | None = None) -> SafeRoPEAdapter:
+                    shapes, base_model: str) -> SafeRoPEAdapter:
     """The adapter with zero generators (identity) from the statistics and the selection.
 
-    Bases follow ``select.basis``: ``contrast`` (default) needs the safe statistics too. ``threshold``
-    (default ``train.threshold``; a calibrated τ when that is NaN, see :mod:`trainer.stages.calibrate`).
+    Bases follow ``select.basis``: ``contrast`` (default) needs the safe statistics too. τ is
+    ``train.threshold`` (a placeholder when that is NaN: calibration sets it, :func:`with_threshold`).
     """
-    tau = cfg.train.threshold if threshold is None else threshold
+    tau = cfg.train.threshold
     if math.isnan(tau):
-        tau = 0.5  # placeholder of an adapter whose τ is calibrated next (trainer.stages.calibrate)
+        tau = 0.5  # placeholder of an adapter whose τ is calibrated next (trainer.stages.calibrate, with_threshold)
     unsafe = GramAccumulator.load(run.stats_file("unsafe"))
     safe = GramAccumulator.load(run.stats_file("safe")) if cfg.select.basis == "contrast" else None
     segs = generator_segments(cfg, shapes)
@@ -431,7 +431,7 @@ class Trainer:
 
     def export(self, cfg_json: dict[str, Any], metrics: dict[str, Any]) -> SafeRoPEAdapter:
         """The trained adapter (validated): the initial bases and heads, the trained generators, and the
-        resolved config and metrics in its metadata."""
+        resolved config and metrics in its metadata. ``metrics`` gains ``untrained_generators`` (below)."""
         gens = generators_of(self.params)
         # A generator still exactly zero never had a gradient: no token of its segment reached τ in any
         # training step. It would rotate nothing (and the file format refuses it), so it is left out and
@@ -439,17 +439,26 @@ class Trainer:
         # figures; :func:`raise_untrained` then refuses the file.
         untrained = sorted(k for k, A in gens.items() if not bool(A.any()))
         if untrained:
-            metrics = {**metrics, "untrained_generators": untrained}
+            metrics["untrained_generators"] = untrained
             if len(untrained) < len(gens):
                 logger.warning("left out of the adapter (no token of their segment reached τ during training): %s",
                                ", ".join(untrained))
                 gens = {k: A for k, A in gens.items() if k not in untrained}
-        config = jsonable({"builder": "saferope trainer", "version": _version(), "config": cfg_json,
-                           "metrics": metrics})
         blocks = [BlockAdapter(b.kind, b.index, b.heads, b.U_q, b.U_k, gens.get(f"{b.key}.A_txt"),
                                gens.get(f"{b.key}.A_img")) for b in self.adapter.blocks.values()
                   if f"{b.key}.A_txt" in gens or f"{b.key}.A_img" in gens]
-        return SafeRoPEAdapter(replace(self.adapter.meta, config=config), blocks)
+        return with_metrics(SafeRoPEAdapter(self.adapter.meta, blocks), cfg_json, metrics)
+
+
+def with_metrics(adapter: SafeRoPEAdapter, cfg_json: dict[str, Any], metrics: dict[str, Any]) -> SafeRoPEAdapter:
+    """``adapter`` with the trainer's metadata (builder, version, resolved config, metrics) as its config."""
+    config = jsonable({"builder": "saferope trainer", "version": _version(), "config": cfg_json, "metrics": metrics})
+    return SafeRoPEAdapter(replace(adapter.meta, config=config), list(adapter.blocks.values()))
+
+
+def with_threshold(adapter: SafeRoPEAdapter, tau: float) -> SafeRoPEAdapter:
+    """``adapter`` with τ = ``tau`` (the same blocks: the calibrated τ on the initial adapter)."""
+    return SafeRoPEAdapter(replace(adapter.meta, threshold=float(tau)), list(adapter.blocks.values()))
 
 
 def raise_untrained(adapter: SafeRoPEAdapter) -> None:
