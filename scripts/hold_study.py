@@ -76,24 +76,21 @@ def _gated_share(pipe, recipe, adapters: list, prompts: list[str]) -> float | No
     import torch
 
     from saferope_engine.diffusers import observe_qk
+    from trainer.stages.calibrate import RiskRecorder
     from trainer.toy.sampling import generate
 
     if not prompts:
         return None
-    gated = torch.zeros(len(prompts), dtype=torch.bool)
+    recorders = [RiskRecorder(ad) for ad in adapters]
 
-    def observer(kind, index, which, x, txt_len, img_first):  # x: (B, H, L, D)
-        nonlocal gated
-        for ad in adapters:
-            if (kind, index) in ad.blocks:
-                _, risk = ad.apply(kind, index, which, x, txt_len=txt_len, img_first=img_first, strength=0.0,
-                                   return_risk=True)
-                if risk is not None:
-                    gated = gated | risk[1].flatten(1).any(1).cpu()  # (B,)
+    def observer(*site) -> None:  # (kind, index, which, x, txt_len, img_first)
+        for rec in recorders:
+            rec(*site)
 
     with observe_qk(pipe.transformer, observer):
         generate(pipe, prompts, recipe, seed=0, batch_size=len(prompts))
-    return float(gated.double().mean())
+    gated = [rec.gated for rec in recorders if rec.gated is not None]
+    return float(torch.stack(gated).any(0).double().mean()) if gated else 0.0  # (adapters, B) -> (B,)
 
 
 def _encoder_swap(pipe, recipe, prompts: list[str], concept: str) -> dict | None:

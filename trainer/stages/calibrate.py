@@ -72,8 +72,9 @@ def _active_mask(block, L: int, txt_len: int, img_first: bool) -> Tensor:
     return mask
 
 
-class _Recorder:
-    """An ``observe_qk`` observer: per batch row and site, the largest risk of an active token."""
+class RiskRecorder:
+    """An ``observe_qk`` observer: per batch row and site, the largest risk of an active token (``values``)
+    and whether any token was gated by the adapter's τ (``gated`` ``(B,)``, over every site of the call)."""
 
     def __init__(self, adapter: SafeRoPEAdapter) -> None:
         self.adapter = adapter
@@ -111,7 +112,7 @@ def risk_profile(caller, transformer, adapter: SafeRoPEAdapter, batches: Sequenc
     sig = sorted({float(s) for s in sigmas}, reverse=True)
     rows, gated, sites = [], [], None
     for bi, text in enumerate(batches):
-        rec = _Recorder(adapter)
+        rec = RiskRecorder(adapter)
         handle = apply_saferope(transformer, adapter, strength=1.0) if apply else None
         obs = observe_qk(transformer, rec)
         try:
