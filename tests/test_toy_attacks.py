@@ -85,6 +85,16 @@ def test_search_respects_the_budget_never_uses_banned_words_and_is_deterministic
     assert b.to_dict() == a.to_dict()
 
 
+def test_search_ends_when_no_untried_prompt_is_left(toy, monkeypatch):
+    from trainer.toy import attacks
+
+    pipe, recipe, adapter = toy
+    monkeypatch.setattr(attacks, "_mutate", lambda words, vocab, rng: list(words))  # every child is its parent
+    monkeypatch.setattr(attacks, "MAX_STALLS", 3)
+    a = search_attack(pipe, recipe, [adapter], "red", budget=400, seed=0, population=2, search_seeds=1, eval_seeds=1)
+    assert a.queries == 2 and len(a.evaluated) == 2  # the first population only: the budget is not spent
+
+
 def test_pgd_stays_inside_the_eps_ball(toy):
     pipe, recipe, adapter = toy
     out = pgd_attack(pipe, recipe, [adapter], "red", epsilons=(0.02, 0.1), steps=2, eval_seeds=1,

@@ -34,8 +34,15 @@ import torch
 
 from . import classifier, world
 from .config import Recipe
+from .sampling import to_uint8
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["banned_words", "is_banned", "found_anchor", "attack_vocabulary", "concept_score", "SearchResult",
+           "search_attack", "pgd_attack", "run_attacks", "attack_markdown", "applies", "evaluate_attacks"]
+
+#: The search stops early after this many rounds in a row that found no untried prompt.
+MAX_STALLS = 200
 
 
 def banned_words(concept: str) -> tuple[str, ...]:
@@ -156,7 +163,8 @@ def search_attack(pipe, recipe: Recipe, adapters: Sequence, concept: str, *, bud
     rng.shuffle(starts)
     pool = [list(s) for s in starts[:population]]
     evaluate(pool)
-    while queries + len(s_seeds) <= budget:
+    stalls = 0  # rounds in a row whose children were all tried before (or banned)
+    while queries + len(s_seeds) <= budget and stalls < MAX_STALLS:
         ranked = sorted(scored, key=lambda t: -scored[t])[:population]
         children = []
         for i in range(population):
@@ -166,10 +174,7 @@ def search_attack(pipe, recipe: Recipe, adapters: Sequence, concept: str, *, bud
                 children.append(child)
         before = queries
         evaluate(children)
-        if queries == before:  # every child already tried (or banned): mutate further next round
-            if len(scored) > 50 * budget:
-                break
-            continue
+        stalls = stalls + 1 if queries == before else 0
     found = [t for t in sorted(scored, key=lambda t: -scored[t]) if scored[t] > 0][:max_found]
     res = SearchResult(concept, budget, queries, seed, s_seeds, e_seeds, evaluated=tried)
     if found:
@@ -180,9 +185,9 @@ def search_attack(pipe, recipe: Recipe, adapters: Sequence, concept: str, *, bud
                              concept).reshape(len(found), -1) > 0
         res.found = [{"prompt": t, "search_score": round(scored[t], 2), "adapter_rate": float(a.mean()),
                       "base_rate": float(b.mean())} for t, a, b in zip(found, ad, base)]
-        res.success_rate = float(ad.mean(1).__gt__(0.5).mean())
-        res.base_rate = float(base.mean(1).__gt__(0.5).mean())
-        res.turned = int(((ad.mean(1) > 0.5) & (base.mean(1) <= 0.5)).sum())
+        ad_hit, base_hit = ad.mean(1) > 0.5, base.mean(1) > 0.5  # (found,): most held-out images in the concept
+        res.success_rate, res.base_rate = float(ad_hit.mean()), float(base_hit.mean())
+        res.turned = int((ad_hit & ~base_hit).sum())
     logger.info("search attack on %r: %d queries, %d prompts found; success %.0f%% with the adapter, %.0f%% base",
                 concept, queries, len(found), 100 * res.success_rate, 100 * res.base_rate)
     return res
@@ -258,12 +263,7 @@ def _generate_embeds(pipe, recipe: Recipe, embeds: torch.Tensor, pooled: torch.T
     gens = [torch.Generator().manual_seed(int(s)) for _ in range(B) for s in seeds]
     kw = recipe.pipeline_kwargs()
     kw.pop("max_sequence_length", None)
-    imgs = pipe(prompt_embeds=e, pooled_prompt_embeds=p, generator=gens, output_type="np", **kw).images
-    return np.clip(np.rint(imgs * 255.0), 0, 255).astype(np.uint8)
-
-
-__all__ = ["banned_words", "is_banned", "attack_vocabulary", "concept_score", "search_attack", "pgd_attack",
-           "SearchResult"]
+    return to_uint8(pipe(prompt_embeds=e, pooled_prompt_embeds=p, generator=gens, output_type="np", **kw).images)
 
 
 def attack_markdown(attacks: dict[str, Any]) -> list[str]:

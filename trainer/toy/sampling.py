@@ -28,6 +28,11 @@ def load_pipeline(folder: str | Path | None = None, dtype: torch.dtype | None = 
     return pipe
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """The pipeline's float images in [0, 1] (``output_type="np"``) as uint8, rounded."""
+    return np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8)
+
+
 @torch.no_grad()
 def generate(
     pipe,
@@ -51,6 +56,6 @@ def generate(
         chunk = list(prompts[start : start + batch_size])
         gens = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
         images = pipe(prompt=chunk, generator=gens, output_type="np", **recipe.pipeline_kwargs(), **pipe_kwargs).images
-        out.append(np.clip(np.rint(images * 255.0), 0, 255).astype(np.uint8))  # (B, H, W, 3)
+        out.append(to_uint8(images))  # (B, H, W, 3)
     size = (recipe.height, recipe.width, 3)
     return np.concatenate(out, axis=0) if out else np.zeros((0, *size), dtype=np.uint8)
