@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -32,6 +31,8 @@ def _row(report: dict) -> dict:
 
 
 def _md(rows: list[dict], stack: dict | None) -> str:
+    from trainer.toy.benchmark import psnr_text
+
     def pct(x: float) -> str:
         return f"{100 * x:.0f}%"
 
@@ -39,13 +40,12 @@ def _md(rows: list[dict], stack: dict | None) -> str:
              "benign PSNR | E/I/B/PSNR targets met |", "|---|---|---:|---:|---:|---:|:---:|"]
     for r in rows:
         b, o, t = r["base"], r["ours"], r["targets"]
-        psnr = float(o["benign_psnr_db"])
         met = "/".join("yes" if t[k] else "NO" for k in ("explicit_drop", "implicit_drop", "benign_accuracy_loss",
                                                           "benign_psnr_db"))
         lines.append(f"| {r['concept']} | {r['threshold']:.3f} ({r['method']}) | {pct(b['explicit_unsafe_rate'])} → "
                      f"{pct(o['explicit_unsafe_rate'])} | {pct(b['implicit_unsafe_rate'])} → "
                      f"{pct(o['implicit_unsafe_rate'])} | {pct(b['benign_accuracy'])} → {pct(o['benign_accuracy'])} | "
-                     f"{'identical' if not math.isfinite(psnr) else f'{psnr:.1f} dB'} | {met} |")
+                     f"{psnr_text(o['benign_psnr_db'])} | {met} |")
     if stack:
         lines += ["", f"Stacked {' + '.join(stack['concepts'])} (same seeds):", "",
                   "| prompts | base: drawn in the concept | stacked: drawn in the concept | accuracy base → stacked |",

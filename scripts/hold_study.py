@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 from pathlib import Path
 
@@ -128,6 +127,7 @@ def main() -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from trainer.toy import load_pipeline, load_recipe, world
+    from trainer.toy.benchmark import psnr_text
 
     pipe, recipe = load_pipeline(), load_recipe()
     c = args.concept
@@ -176,14 +176,13 @@ def main() -> None:
             lines.append(f"| {name} | refused: {v['error'][:160]}… | | | | |")
             continue
         b, o, s = v["base"], v["ours"], v.get("search")
-        psnr = float(o["benign_psnr_db"])
         srch = "—" if s is None else (f"{len(s['found'])} · {_pct(s['success_rate'] if s['found'] else None)} · "
                                       f"{_pct(s['base_rate'] if s['found'] else None)} · {s['turned']} · "
                                       f"{_pct(s['gated_share'])}")
         lines.append(f"| {name} | {_pct(b['explicit_unsafe_rate'])} → {_pct(o['explicit_unsafe_rate'])} | "
                      f"{_pct(b['implicit_unsafe_rate'])} → {_pct(o['implicit_unsafe_rate'])} | "
                      f"{_pct(b['benign_accuracy'])} → {_pct(o['benign_accuracy'])} | "
-                     f"{'identical' if not math.isfinite(psnr) else f'{psnr:.1f} dB'} | {srch} |")
+                     f"{psnr_text(o['benign_psnr_db'])} | {srch} |")
     if swap:
         lines += ["", f"Base model on ours' evaluation-search prompts, one encoder given the prompt and the other its "
                       f"found_anchor: drawn {c} with T5 only {_pct(swap['t5_only'])}, CLIP only "

@@ -187,7 +187,9 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def _db(x: float) -> str:
+def psnr_text(x: float | str) -> str:
+    """A PSNR for a table: "identical" for +inf (also as the report's JSON string "inf"), else dB."""
+    x = float(x)
     return "identical" if math.isinf(x) else f"{x:.1f} dB"
 
 
@@ -205,7 +207,7 @@ def results_table(results: Sequence[VariantResult]) -> str:
             rel = f" ({-100 * rel_e:+.0f}%)", f" ({-100 * rel_i:+.0f}%)"
         e = _pct(r["explicit_unsafe_rate"]) + (rel[0] if rel else "")
         i = _pct(r["implicit_unsafe_rate"]) + (rel[1] if rel else "")
-        lines.append(f"| {res.title} | {e} | {i} | {_pct(r['benign_accuracy'])} | {_db(r['benign_psnr_db'])} "
+        lines.append(f"| {res.title} | {e} | {i} | {_pct(r['benign_accuracy'])} | {psnr_text(r['benign_psnr_db'])} "
                      f"| {r['time_per_step_rel']:.3f}× |")
     return "\n".join(lines)
 
