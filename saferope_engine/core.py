@@ -187,12 +187,30 @@ class _Pack:
     """The folded operators of a tuple of sides, stacked on the device: ``proj (S,1,n,D,K)``,
     ``back (S,1,n,2M,D)``, ``theta (S,1,n,1,M)`` (unscaled)."""
 
-    def __init__(self, proj: Tensor, back: Tensor, theta: Tensor, sides: list[_Side], cols: dict, r0: int) -> None:
+    def __init__(self, proj: Tensor, back: Tensor, theta: Tensor, sides: list[_Side], cols: dict, r0: int,
+                 rank: int) -> None:
         self.proj, self.back, self.theta = proj, back, theta
-        self.sides, self.cols, self.r0 = sides, cols, r0
+        self.sides, self.cols, self.r0, self.rank = sides, cols, r0, rank
         self.pairs = int(theta.shape[-1])
         s0 = sides[0]  # the heads are equal for every side of a pack
         self.heads, self.n, self.is_arange = s0.heads, s0.n, s0.is_arange
+        self._pairs_cat = self._back_cat = None
+
+    @property
+    def pairs_cat(self) -> Tensor:
+        """The pair bases ``[W_txt | W_img]`` of every side-head side by side: ``(D, S·n·2M)``."""
+        if self._pairs_cat is None:
+            S, _, n, D, _ = self.proj.shape
+            W = self.proj[..., :2 * self.pairs].reshape(S * n, D, 2 * self.pairs)  # (S·n, D, 2M)
+            self._pairs_cat = W.permute(1, 0, 2).reshape(D, -1).contiguous()
+        return self._pairs_cat
+
+    @property
+    def back_cat(self) -> Tensor:
+        """``back`` of every side-head stacked: ``(S,1,n,2M,D)`` -> ``(S·n·2M, D)``."""
+        if self._back_cat is None:
+            self._back_cat = self.back.reshape(-1, self.back.shape[-1]).contiguous()
+        return self._back_cat
 
 
 class _Runtime:
@@ -222,7 +240,7 @@ class _Runtime:
             full = self.pack(block, WHICH)
             s = WHICH.index(which[0])
             p = _Pack(full.proj[s:s + 1], full.back[s:s + 1], full.theta[s:s + 1], [self.side[which[0]]],
-                      full.cols, full.r0)
+                      full.cols, full.r0, full.rank)
         else:
             sides = [self.side[w] for w in which]
             folded = [s.folded(block) for s in sides]
@@ -230,7 +248,7 @@ class _Runtime:
             proj = torch.stack([f["proj"] for f in folded]).unsqueeze(1).to(**dev).contiguous()  # (S,1,n,D,K)
             back = torch.stack([f["back"] for f in folded]).unsqueeze(1).to(**dev).contiguous()  # (S,1,n,2M,D)
             theta = torch.stack([f["theta"] for f in folded])[:, None, :, None, :].to(**dev).contiguous()  # (S,1,n,1,M)
-            p = _Pack(proj, back, theta, sides, folded[0]["cols"], folded[0]["r0"])
+            p = _Pack(proj, back, theta, sides, folded[0]["cols"], folded[0]["r0"], block.rank)
         self._packs[which] = p
         return p
 
@@ -352,16 +370,18 @@ def _operator3(op: Tensor, B: int, head: bool) -> Tensor:
 
 
 def _stage1(Xc: Tensor, ops: DenseOperators, threshold: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Projection and risk: ``Y = X·proj``, ``ρ = clamp(‖c / max(‖x‖, 1e-6)‖², 0, 1)``, ``gate = ρ > τ``.
+    """Projection and risk: ``Y = X·proj``, ``ρ = (‖c‖ / max(‖x‖, 1e-6))²``, ``gate = ρ > τ``.
 
     ``Xc`` ``(S, B, n, Ls, D)`` in the compute dtype -> ``Y (S,B,n,Ls,K)``, ``ρ``, ``gate`` ``(S,B,n,Ls)``.
+    ``ρ ≤ 1`` up to rounding (``U`` is orthonormal); callers that report it clamp it (:func:`_transform`).
+    Two norms and a division of ``(…, Ls)`` values: no per-coefficient division, no reduction over ``r`` products.
     """
     head = _head_major(Xc)
-    Y3 = torch.bmm(_view3(Xc, head), _operator3(ops.proj, Xc.shape[1], head))  # (G,R,D) @ (G,D,K) -> (G,R,K)
-    Y = _view5(Y3, Xc.shape, head)  # (S,B,n,Ls,K)
-    norm = torch.linalg.vector_norm(Xc, dim=-1, keepdim=True).clamp_min(_EPS_NORM)  # (S,B,n,Ls,1)
-    c = Y[..., ops.r0:ops.r0 + ops.rank] / norm  # (S,B,n,Ls,r): coefficients of x/‖x‖
-    rho = torch.linalg.vecdot(c, c).clamp(0.0, 1.0)  # (S,B,n,Ls)
+    X3 = _view3(Xc, head)  # (G, R, D): the layout of the product (a copy where Xc's memory has another)
+    Y3 = torch.bmm(X3, _operator3(ops.proj, Xc.shape[1], head))  # (G,R,D) @ (G,D,K) -> (G,R,K)
+    norm = torch.linalg.vector_norm(X3, dim=-1, keepdim=True).clamp_min(_EPS_NORM)  # (G,R,1)
+    rho3 = (torch.linalg.vector_norm(Y3[..., ops.r0:ops.r0 + ops.rank], dim=-1, keepdim=True) / norm).square()
+    Y, rho = _view5(Y3, Xc.shape, head), _view5(rho3, Xc.shape, head)[..., 0]  # (S,B,n,Ls,K), (S,B,n,Ls)
     gate = rho > threshold
     if ops.gate_mask is not None:  # only with a risk map over tokens of segments without a generator
         gate = gate & ops.gate_mask
@@ -461,7 +481,8 @@ def fused_dense(X: Tensor, ops: DenseOperators, threshold: float, write: bool = 
 
     Returns:
         ``(X', ρ, gate)``: ``X'`` ``(S, B, H, L, D)`` in ``X``'s dtype, ungated tokens and unselected
-        heads bit-identical; ``ρ`` and ``gate`` ``(S, B, n, Ls)`` over the span ``ops.lo:ops.hi``.
+        heads bit-identical; ``ρ`` and ``gate`` ``(S, B, n, Ls)`` over the span ``ops.lo:ops.hi``
+        (``ρ`` unclamped: rounding may take it a few ulps past 1; clamp it to report it).
 
     Reads nothing back to the host and traces with ``torch.compile(fullgraph=True)``.
     """
@@ -470,18 +491,30 @@ def fused_dense(X: Tensor, ops: DenseOperators, threshold: float, write: bool = 
     return _rotate_write(X, Xh, Xs, Xc, Y, rho, gate, ops, write), rho, gate
 
 
-def _sparse(Xc: Tensor, Y: Tensor, rho: Tensor, ops: DenseOperators, idx: tuple[Tensor, ...]) -> Tensor:
-    """The CPU's gathered path: new values ``(G, D)`` of the ``G`` gated tokens ``idx = (s, b, h, t)``."""
+def _sparse(Xc: Tensor, rho: Tensor, pack: _Pack, ops: DenseOperators, idx: tuple[Tensor, ...]) -> Tensor:
+    """The CPU's gathered path: new values ``(G, D)`` of the ``G`` gated tokens ``idx = (s, b, h, t)``.
+
+    The rows are projected onto the pair bases of all ``S·n`` side-heads at once (one product of
+    few rows) and each keeps its own; on the CPU that beats ``G`` tiny per-row products.
+    """
     S, _, n, _, D = Xc.shape
     s, _, h, t = idx
-    M = ops.theta.shape[-1]
-    yg = Y[idx]  # (G, K)
-    z = torch.view_as_complex(yg[:, :2 * M].unflatten(-1, (M, 2)))  # (G, M)
+    M, G = ops.theta.shape[-1], int(h.numel())
+    op = s * n + h if S > 1 else h  # (G,) side-head of each row
+    rows = torch.arange(G, device=Xc.device)
+    xg = Xc[idx]  # (G, D)
+    d = (xg @ pack.pairs_cat).view(G, S * n, 2 * M)[rows, op]  # (G,D) @ (D,S·n·2M) -> (G,S·n,2M) -> own (G,2M)
+    phi = rho[idx].unsqueeze(-1) * ops.theta.view(S * n, M)[op]  # (G,1) * (G,M): α·ρ·θ_j
+    z = torch.view_as_complex(d.unflatten(-1, (M, 2)))  # (G, M) pairs as a + ib
     mask = ops.mask[t]  # (G, M)
-    phi = rho[idx].unsqueeze(-1) * ops.theta.view(S, n, M)[s, h]  # (G,1) * (G,M)
-    dd = torch.view_as_real(z * (torch.polar(mask, phi) - mask)).flatten(-2)  # (G, 2M)
-    back = ops.back.view(S, n, 2 * M, D)[s, h]  # (G, 2M, D)
-    return torch.baddbmm(Xc[idx].unsqueeze(1), dd.unsqueeze(1), back).squeeze(1)  # (G,1,D) -> (G,D)
+    dd = xg.new_zeros(G, S * n, 2 * M)  # each row's Δd in its own side-head's block, 0 elsewhere
+    dd[rows, op] = torch.view_as_real(z * (torch.polar(mask, phi) - mask)).flatten(-2)  # (G, 2M)
+    return torch.addmm(xg, dd.view(G, -1), pack.back_cat)  # x + Δd·Wᵀ: (G,S·n·2M) @ (S·n·2M,D) -> (G,D)
+
+
+def _reported(rho: Tensor | None, wanted: bool) -> Tensor | None:
+    """``ρ`` as reported (``clamp(·, 0, 1)``, rounding can pass 1), or ``None`` when not wanted."""
+    return rho.clamp(0.0, 1.0) if wanted and rho is not None else None
 
 
 # -- entry points -----------------------------------------------------------------------------------
@@ -617,10 +650,10 @@ def _transform(xs: tuple[Tensor, ...], which: tuple[str, ...], block: BlockAdapt
     if not rotate:  # the risk map only
         _, _, Xc = _split(X, ops)
         _, rho, gate = _stage1(Xc, ops, threshold)
-        return xs, rho, gate
+        return xs, _reported(rho, True), gate
     if not (HOST_SHORTCUTS and X.device.type == "cpu") or torch.compiler.is_compiling():
         out, rho, gate = fused_dense(X, ops, threshold, write)
-        return (xs if out is X and S == 1 else tuple(out.unbind(0))), rho, gate
+        return (xs if out is X and S == 1 else tuple(out.unbind(0))), _reported(rho, return_risk), gate
 
     # CPU: reading the gate is free.
     Xh, Xs, Xc = _split(X, ops)
@@ -628,23 +661,23 @@ def _transform(xs: tuple[Tensor, ...], which: tuple[str, ...], block: BlockAdapt
     idx = gate.nonzero(as_tuple=True)  # (s, b, head, token) of the G gated tokens
     G = int(idx[0].numel())
     if G == 0:
-        return xs, rho, gate
+        return xs, _reported(rho, return_risk), gate
     if G > SPARSE_MAX_SHARE * gate.numel():
         out = _rotate_write(X, Xh, Xs, Xc, Y, rho, gate, ops, write, all_gated=G == gate.numel())
-        return (xs if out is X and S == 1 else tuple(out.unbind(0))), rho, gate
-    values = _sparse(Xc, Y, rho, ops, idx).to(x0.dtype)  # (G, D)
+        return (xs if out is X and S == 1 else tuple(out.unbind(0))), _reported(rho, return_risk), gate
+    values = _sparse(Xc, rho, pack, ops, idx).to(x0.dtype)  # (G, D)
     s, b, h, t = idx
     heads = h if ops.heads is None else ops.heads[h]
     if ops.lo:
         t = t + ops.lo
     if S > 1 and write and not inplace:  # into the stack (the engine's own; autograd may still need it otherwise)
         X.index_put_((s, b, heads, t), values)
-        return tuple(X.unbind(0)), rho, gate
+        return tuple(X.unbind(0)), _reported(rho, return_risk), gate
     outs = xs if inplace else tuple(x.clone() for x in xs)  # ungated tokens: exact copies (or untouched, in place)
     for i, dst in enumerate(outs):
         sel = (slice(None),) if S == 1 else (s == i,)
         dst.index_put_((b[sel], heads[sel], t[sel]), values[sel])
-    return outs, rho, gate
+    return outs, _reported(rho, return_risk), gate
 
 
 def _train(x: Tensor, block: BlockAdapter, side: _Side, bounds: dict, active: tuple, strength: float,
