@@ -194,16 +194,7 @@ class _Pack:
         self.pairs = int(theta.shape[-1])
         s0 = sides[0]  # the heads are equal for every side of a pack
         self.heads, self.n, self.is_arange = s0.heads, s0.n, s0.is_arange
-        self._pairs_cat = self._back_cat = None
-
-    @property
-    def pairs_cat(self) -> Tensor:
-        """The pair bases ``[W_txt | W_img]`` of every side-head side by side: ``(D, S·n·2M)``."""
-        if self._pairs_cat is None:
-            S, _, n, D, _ = self.proj.shape
-            W = self.proj[..., :2 * self.pairs].reshape(S * n, D, 2 * self.pairs)  # (S·n, D, 2M)
-            self._pairs_cat = W.permute(1, 0, 2).reshape(D, -1).contiguous()
-        return self._pairs_cat
+        self._back_cat: Tensor | None = None
 
     @property
     def back_cat(self) -> Tensor:
@@ -491,25 +482,24 @@ def fused_dense(X: Tensor, ops: DenseOperators, threshold: float, write: bool = 
     return _rotate_write(X, Xh, Xs, Xc, Y, rho, gate, ops, write), rho, gate
 
 
-def _sparse(Xc: Tensor, rho: Tensor, pack: _Pack, ops: DenseOperators, idx: tuple[Tensor, ...]) -> Tensor:
+def _sparse(Xc: Tensor, Y: Tensor, rho: Tensor, pack: _Pack, ops: DenseOperators, idx: tuple[Tensor, ...]) -> Tensor:
     """The CPU's gathered path: new values ``(G, D)`` of the ``G`` gated tokens ``idx = (s, b, h, t)``.
 
-    The rows are projected onto the pair bases of all ``S·n`` side-heads at once (one product of
-    few rows) and each keeps its own; on the CPU that beats ``G`` tiny per-row products.
+    Each row's rotated pair deltas go into its own side-head's block of a ``(G, S·n·2M)`` row
+    (zeros elsewhere), so one product with every side-head's back-projection stacked writes them
+    back — on the CPU cheaper than gathering a ``2M × D`` operator per row for ``G`` tiny products.
     """
     S, _, n, _, D = Xc.shape
     s, _, h, t = idx
     M, G = ops.theta.shape[-1], int(h.numel())
     op = s * n + h if S > 1 else h  # (G,) side-head of each row
     rows = torch.arange(G, device=Xc.device)
-    xg = Xc[idx]  # (G, D)
-    d = (xg @ pack.pairs_cat).view(G, S * n, 2 * M)[rows, op]  # (G,D) @ (D,S·n·2M) -> (G,S·n,2M) -> own (G,2M)
+    z = torch.view_as_complex(Y[idx][:, :2 * M].unflatten(-1, (M, 2)))  # (G, M) pairs as a + ib
     phi = rho[idx].unsqueeze(-1) * ops.theta.view(S * n, M)[op]  # (G,1) * (G,M): α·ρ·θ_j
-    z = torch.view_as_complex(d.unflatten(-1, (M, 2)))  # (G, M) pairs as a + ib
     mask = ops.mask[t]  # (G, M)
-    dd = xg.new_zeros(G, S * n, 2 * M)  # each row's Δd in its own side-head's block, 0 elsewhere
+    dd = Xc.new_zeros(G, S * n, 2 * M)  # each row's Δd in its own side-head's block, 0 elsewhere
     dd[rows, op] = torch.view_as_real(z * (torch.polar(mask, phi) - mask)).flatten(-2)  # (G, 2M)
-    return torch.addmm(xg, dd.view(G, -1), pack.back_cat)  # x + Δd·Wᵀ: (G,S·n·2M) @ (S·n·2M,D) -> (G,D)
+    return torch.addmm(Xc[idx], dd.view(G, -1), pack.back_cat)  # x + Δd·Wᵀ: (G,S·n·2M) @ (S·n·2M,D) -> (G,D)
 
 
 def _reported(rho: Tensor | None, wanted: bool) -> Tensor | None:
@@ -665,7 +655,7 @@ def _transform(xs: tuple[Tensor, ...], which: tuple[str, ...], block: BlockAdapt
     if G > SPARSE_MAX_SHARE * gate.numel():
         out = _rotate_write(X, Xh, Xs, Xc, Y, rho, gate, ops, write, all_gated=G == gate.numel())
         return (xs if out is X and S == 1 else tuple(out.unbind(0))), _reported(rho, return_risk), gate
-    values = _sparse(Xc, rho, pack, ops, idx).to(x0.dtype)  # (G, D)
+    values = _sparse(Xc, Y, rho, pack, ops, idx).to(x0.dtype)  # (G, D)
     s, b, h, t = idx
     heads = h if ops.heads is None else ops.heads[h]
     if ops.lo:
