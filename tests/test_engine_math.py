@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -60,6 +62,7 @@ def cpu_path(request, monkeypatch):
     and the device path (what CUDA runs: no host read of the gate, no early exit)."""
     share = {"auto": core.SPARSE_MAX_SHARE, "dense": 0.0, "sparse": 1.0, "device": core.SPARSE_MAX_SHARE}[request.param]
     monkeypatch.setattr(core, "SPARSE_MAX_SHARE", share)
+    monkeypatch.setattr(core, "SPARSE_MAX_WORK", math.inf if request.param == "sparse" else core.SPARSE_MAX_WORK)
     monkeypatch.setattr(core, "HOST_SHORTCUTS", request.param != "device")
     return request.param
 
@@ -373,3 +376,24 @@ def test_a_huge_generator_is_refused_at_once_instead_of_looping():
         with pytest.raises(SafeRoPEError):
             expm_apply_series(c, torch.full((1, 2, 2), bad), s)
     assert time.perf_counter() - t0 < 1.0
+
+
+@pytest.mark.parametrize("heads, gathered", [([0], True), (list(range(8)), False)])
+def test_cpu_takes_the_gathered_path_only_while_its_write_back_is_the_cheaper(heads, gathered, monkeypatch):
+    """About 10% gated: with 2 side-heads (q and k of one head) the gathered update's work G·S·n is
+    a fifth of the span's vectors — gathered; with 16 it is 1.6× — dense. Same result either way."""
+    calls = []
+    real = core._sparse
+    monkeypatch.setattr(core, "_sparse", lambda *a: calls.append(1) or real(*a))
+    block = make_block("single", heads, 16, 4, seed=5)
+    q, k = risky_inputs(block, 2, 8, 40, frac=0.1, seed=6)
+    q2, k2, risk = saferope_qk(q, k, block, txt_len=10, threshold=0.5, return_risk=True)
+    share = float(torch.cat([risk.gated_q.flatten(), risk.gated_k.flatten()]).float().mean())
+    assert 0.03 < share < core.SPARSE_MAX_SHARE, share
+    assert bool(calls) is gathered
+    assert (q2.double() - reference(q, block, "q", 10, 1.0, 0.5)).abs().max() <= 1e-5
+    assert (k2.double() - reference(k, block, "k", 10, 1.0, 0.5)).abs().max() <= 1e-5
+    rest = ~(risk.gated_q | risk.gated_k)  # (B, n, L): ungated in both q and k
+    b, i, t = rest.nonzero(as_tuple=True)
+    h = block.heads[i]
+    assert torch.equal(q2[b, h, t], q[b, h, t]) and torch.equal(k2[b, h, t], k[b, h, t])  # exact, either path
