@@ -56,6 +56,15 @@ def test_op_count_small_prints_both_counts_for_every_case():
     assert out["counts"]["qk_device"]["computing"] <= 16 and out["counts"]["qk_device"]["top_level"] <= 40
 
 
+def test_gated_share_small_times_every_share_and_names_the_path():
+    out = json.loads(_run("benchmarks/gated_share.py", "--small", "--repeats", "1", "--shares", "0", "0.05", "1"))
+    rows = {r["share"]: r for r in out["rows"]}
+    assert rows[0.0]["gated"] == 0.0 and rows[0.0]["path"] == "none gated"
+    assert rows[1.0]["gated"] == 1.0 and rows[1.0]["path"] == "dense"
+    assert 0.0 < rows[0.05]["gated"] < 0.2 and rows[0.05]["path"] in ("gathered", "dense")
+    assert all(r["best_ms"] > 0 and r["median_ms"] >= r["best_ms"] for r in out["rows"])
+
+
 def test_gpu_benchmark_small_runs_every_stage_but_compile():
     pytest.importorskip("diffusers")
     out = json.loads(_run("benchmarks/gpu.py", "--small", "--no-compile"))
