@@ -23,7 +23,7 @@ through one projection, one complex rotation and one back-projection, with one m
 (:func:`fused_dense`). That function takes tensors only, never reads a value back to the host
 (no synchronisation with a GPU) and compiles with ``torch.compile(fullgraph=True)``. On the
 CPU, where reading the gate is free, the engine returns the inputs when no token is gated and
-updates only the gated tokens when they are few (:data:`SPARSE_MAX_SHARE`).
+updates only the gated tokens when they are few (:data:`SPARSE_MAX_SHARE`, :data:`SPARSE_MAX_WORK`).
 """
 
 from __future__ import annotations
