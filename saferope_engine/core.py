@@ -23,7 +23,7 @@ through one projection, one complex rotation and one back-projection, with one m
 (:func:`fused_dense`). That function takes tensors only, never reads a value back to the host
 (no synchronisation with a GPU) and compiles with ``torch.compile(fullgraph=True)``. On the
 CPU, where reading the gate is free, the engine returns the inputs when no token is gated and
-updates only the gated tokens when they are few (:data:`SPARSE_MAX_SHARE`, :data:`SPARSE_MAX_WORK`).
+updates only the gated tokens when they are few (:data:`SPARSE_MAX_SHARE`).
 """
 
 from __future__ import annotations
@@ -55,13 +55,6 @@ HOST_SHORTCUTS = True
 #: tokens) when they are at most this share of the span; otherwise it stays dense. 0 disables
 #: the gathered path.
 SPARSE_MAX_SHARE = 0.25
-
-#: ... and while ``G·S·n`` — the gathered rows times the side-heads their write-back product spans
-#: (:func:`_sparse`) — is at most this multiple of the span's vectors ``S·B·n·Ls``: with many heads
-#: the dense pass is the cheaper one from a few percent gated on (FLUX.1-shaped q and k, 48
-#: side-heads, 5% gated: dense 5.3 ms, gathered 6.2 ms; the toy's 4 side-heads at ~5%: gathered
-#: 3.1 ms, dense 4.2 ms for its eight calls of a step).
-SPARSE_MAX_WORK = 1.0
 
 #: Operator sets cached per block and device (one per strength × sequence layout seen); a full
 #: cache is emptied and refilled, which only costs a few small tensor operations.
@@ -659,11 +652,8 @@ def _transform(xs: tuple[Tensor, ...], which: tuple[str, ...], block: BlockAdapt
     G = int(idx[0].numel())
     if G == 0:
         return xs, _reported(rho, return_risk), gate
-    if G > SPARSE_MAX_SHARE * gate.numel() or G * S * pack.n > SPARSE_MAX_WORK * gate.numel():
-        # Every token through the rotation, the ungated ones at angle 0 (Δ = 0 exactly: x + 0 = x):
-        # cheaper than rotating all and selecting with a masked write over every vector.
-        angle_rho = rho if G == gate.numel() else torch.where(gate, rho, 0.0)  # (S,B,n,Ls)
-        out = _rotate_write(X, Xh, Xs, Xc, Y, angle_rho, gate, ops, write, all_gated=True)
+    if G > SPARSE_MAX_SHARE * gate.numel():
+        out = _rotate_write(X, Xh, Xs, Xc, Y, rho, gate, ops, write, all_gated=G == gate.numel())
         return (xs if out is X and S == 1 else tuple(out.unbind(0))), _reported(rho, return_risk), gate
     values = _sparse(Xc, Y, rho, pack, ops, idx).to(x0.dtype)  # (G, D)
     s, b, h, t = idx
