@@ -187,10 +187,9 @@ class _Pack:
     """The folded operators of a tuple of sides, stacked on the device: ``proj (S,1,n,D,K)``,
     ``back (S,1,n,2M,D)``, ``theta (S,1,n,1,M)`` (unscaled)."""
 
-    def __init__(self, proj: Tensor, back: Tensor, theta: Tensor, sides: list[_Side], cols: dict, r0: int,
-                 rank: int) -> None:
+    def __init__(self, proj: Tensor, back: Tensor, theta: Tensor, sides: list[_Side], cols: dict, r0: int) -> None:
         self.proj, self.back, self.theta = proj, back, theta
-        self.sides, self.cols, self.r0, self.rank = sides, cols, r0, rank
+        self.sides, self.cols, self.r0 = sides, cols, r0
         self.pairs = int(theta.shape[-1])
         s0 = sides[0]  # the heads are equal for every side of a pack
         self.heads, self.n, self.is_arange = s0.heads, s0.n, s0.is_arange
@@ -231,7 +230,7 @@ class _Runtime:
             full = self.pack(block, WHICH)
             s = WHICH.index(which[0])
             p = _Pack(full.proj[s:s + 1], full.back[s:s + 1], full.theta[s:s + 1], [self.side[which[0]]],
-                      full.cols, full.r0, full.rank)
+                      full.cols, full.r0)
         else:
             sides = [self.side[w] for w in which]
             folded = [s.folded(block) for s in sides]
@@ -239,7 +238,7 @@ class _Runtime:
             proj = torch.stack([f["proj"] for f in folded]).unsqueeze(1).to(**dev).contiguous()  # (S,1,n,D,K)
             back = torch.stack([f["back"] for f in folded]).unsqueeze(1).to(**dev).contiguous()  # (S,1,n,2M,D)
             theta = torch.stack([f["theta"] for f in folded])[:, None, :, None, :].to(**dev).contiguous()  # (S,1,n,1,M)
-            p = _Pack(proj, back, theta, sides, folded[0]["cols"], folded[0]["r0"], block.rank)
+            p = _Pack(proj, back, theta, sides, folded[0]["cols"], folded[0]["r0"])
         self._packs[which] = p
         return p
 
