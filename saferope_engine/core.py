@@ -59,6 +59,9 @@ SPARSE_MAX_SHARE = 0.25
 #: Operator sets cached per block and device (one per strength × sequence layout seen); a full
 #: cache is emptied and refilled, which only costs a few small tensor operations.
 _MAX_CACHED_OPERATORS = 32
+#: the projection's width ``K`` is padded with zero columns to a multiple of this (even: the pair
+#: coordinates are viewed as complex numbers); 16 floats is one AVX-512 vector and a GEMM tile
+PROJ_COLUMNS = 16
 
 
 @dataclass
@@ -106,8 +109,8 @@ class DenseOperators(NamedTuple):
     """Everything :func:`fused_dense` needs for one block, side set, strength and sequence layout.
 
     ``S`` sides (q and k stacked, or one of them), ``n`` selected heads, ``M`` normal-form pairs
-    over both segments (``m = ⌊r/2⌋`` per segment with a generator), ``K = 2M + r (+1)`` even,
-    ``Ls = hi − lo`` tokens in the span that is transformed.
+    over both segments (``m = ⌊r/2⌋`` per segment with a generator), ``K = 2M + r`` rounded up
+    to a multiple of :data:`PROJ_COLUMNS`, ``Ls = hi − lo`` tokens in the span that is transformed.
 
     * ``proj`` ``(S, 1, n, D, K)``: ``[W_txt | W_img | U | 0-pad]``, ``W_seg = U·P_seg`` (the
       pairs folded into the basis), so one projection gives a token's pair coordinates ``d`` and
@@ -153,7 +156,8 @@ class _Side:
         return A if A is None or self.rows is None else A[self.rows]
 
     def folded(self, block: BlockAdapter) -> dict:
-        """float64 CPU ``proj: (n, D, K)`` = ``[W_txt | W_img | U | 0-pad]`` (K even), ``back: (n, 2M, D)``,
+        """float64 CPU ``proj: (n, D, K)`` = ``[W_txt | W_img | U | 0-pad]`` (``K``: see :class:`DenseOperators`),
+        ``back: (n, 2M, D)``,
         ``theta: (n, M)``, ``cols[seg] = (j0, m)``: the segment's pairs are ``j0 … j0+m−1`` (columns
         ``2·j0 …`` of ``proj``), ``r0`` = first column of U.
 
@@ -175,7 +179,9 @@ class _Side:
                 thetas.append(th)
                 pieces.append(Ud @ P)  # (n, D, 2m)
                 start += 2 * m
-            pad = Ud.new_zeros(*Ud.shape[:-1], (start + r) % 2)  # keep K even: complex views need it
+            # K padded with zero columns to a multiple of PROJ_COLUMNS: even, as the complex views need,
+            # and the width the CPU's GEMM kernels run fastest (K 13 -> 16: the projection ~1.5x faster)
+            pad = Ud.new_zeros(*Ud.shape[:-1], -(start + r) % PROJ_COLUMNS)
             W = torch.cat(pieces, dim=-1) if pieces else Ud[..., :0]  # (n, D, 2M)
             theta = torch.cat(thetas, dim=-1) if thetas else Ud.new_zeros(Ud.shape[0], 0)  # (n, M)
             self._folded = {"proj": torch.cat([W, Ud, pad], dim=-1), "back": W.transpose(-1, -2),
