@@ -59,8 +59,9 @@ SPARSE_MAX_SHARE = 0.25
 #: Operator sets cached per block and device (one per strength × sequence layout seen); a full
 #: cache is emptied and refilled, which only costs a few small tensor operations.
 _MAX_CACHED_OPERATORS = 32
-#: the projection's width ``K`` is padded with zero columns to a multiple of this (even: the pair
-#: coordinates are viewed as complex numbers); 16 floats is one AVX-512 vector and a GEMM tile
+#: The projection's width ``K`` is padded with zero columns to a multiple of this: even, as the
+#: complex view of the pair coordinates needs, and the width the CPU's GEMM runs fastest (14 -> 16
+#: columns on the FLUX shape: benchmarks/gated_share.py, README Performance)
 PROJ_COLUMNS = 16
 
 
@@ -157,8 +158,7 @@ class _Side:
 
     def folded(self, block: BlockAdapter) -> dict:
         """float64 CPU ``proj: (n, D, K)`` = ``[W_txt | W_img | U | 0-pad]`` (``K``: see :class:`DenseOperators`),
-        ``back: (n, 2M, D)``,
-        ``theta: (n, M)``, ``cols[seg] = (j0, m)``: the segment's pairs are ``j0 … j0+m−1`` (columns
+        ``back: (n, 2M, D)``, ``theta: (n, M)``, ``cols[seg] = (j0, m)``: the segment's pairs are ``j0 … j0+m−1`` (columns
         ``2·j0 …`` of ``proj``), ``r0`` = first column of U.
 
         The closed form folds each segment's normal-form pairs into the basis: ``W_seg = U·P_seg``
@@ -179,9 +179,7 @@ class _Side:
                 thetas.append(th)
                 pieces.append(Ud @ P)  # (n, D, 2m)
                 start += 2 * m
-            # K padded with zero columns to a multiple of PROJ_COLUMNS: even, as the complex views need,
-            # and the width the CPU's GEMM kernels run fastest (K 13 -> 16: the projection ~1.5x faster)
-            pad = Ud.new_zeros(*Ud.shape[:-1], -(start + r) % PROJ_COLUMNS)
+            pad = Ud.new_zeros(*Ud.shape[:-1], -(start + r) % PROJ_COLUMNS)  # K up to a multiple of PROJ_COLUMNS
             W = torch.cat(pieces, dim=-1) if pieces else Ud[..., :0]  # (n, D, 2M)
             theta = torch.cat(thetas, dim=-1) if thetas else Ud.new_zeros(Ud.shape[0], 0)  # (n, M)
             self._folded = {"proj": torch.cat([W, Ud, pad], dim=-1), "back": W.transpose(-1, -2),
