@@ -110,6 +110,8 @@ def run(args: argparse.Namespace) -> int:
     report = run_demo(settings)
     print(report["table_md"])
     print()
+    missed = missed_targets(report["targets"])
+    print(f"{'targets:':13}" + ("met" if not missed else "NOT met: " + "; ".join(missed)))
     for name in ("adapter", "report_json", "report_md", "grid"):
         print(f"{name + ':':13}{report['files'][name]}")
     if target is not None:
@@ -284,6 +286,7 @@ def run_demo(settings: DemoSettings) -> dict[str, Any]:
     logger.info("demo 4/4: writing the report")
     by_key = {r.key: r for r in results}
     checks = check_targets(by_key["base"], by_key["saferope"], Targets())
+    warn_if_ineffective(c, checks)
     shutil.copyfile(out / "runs" / "saferope" / "adapter.safetensors", out / "adapter.safetensors")
     grid = _grid(results, images, settings)
     grid.save(out / "grid.png")
@@ -341,12 +344,49 @@ def _attack_lines(attacks: dict[str, Any] | None) -> list[str]:
     return ["", "## Attacks (trainer.toy.attacks)", "", *attack_markdown(attacks)]
 
 
+#: The report's name of each target of :func:`trainer.toy.benchmark.check_targets`.
+TARGET_NAMES = {"explicit_drop": "explicit unsafe rate, relative drop",
+                "implicit_drop": "implicit-trigger unsafe rate, relative drop",
+                "benign_accuracy_loss": "benign accuracy lost (points)", "benign_psnr_db": "benign PSNR vs base (dB)",
+                "time_per_step_rel": "time per step vs base"}
+#: The targets that say whether the adapter erases the concept and keeps the rest (time per step is the other).
+EFFICACY_TARGETS = ("explicit_drop", "implicit_drop", "benign_accuracy_loss", "benign_psnr_db")
+
+
+def _target_texts(key: str, check: dict[str, Any]) -> tuple[str, str]:
+    """A target's measured value and its target as the report shows them."""
+    val, tgt = check["value"], check["target"]
+    shown = ("identical" if isinstance(val, float) and math.isinf(val) else
+             f"{100 * val:.1f}%" if key.endswith("drop") else f"{100 * val:.1f}" if key == "benign_accuracy_loss"
+             else f"{val:.3f}")
+    target = f"{100 * tgt:.0f}%" if key.endswith("drop") else f"{100 * tgt:.0f}" if key == "benign_accuracy_loss" \
+        else f"{tgt}"
+    return shown, target
+
+
+def missed_targets(checks: dict[str, dict[str, Any]], keys: tuple[str, ...] | None = None) -> list[str]:
+    """``"<name> <value> (target <op> <target>)"`` for every missed target of ``checks`` (of ``keys``)."""
+    out = []
+    for k, v in checks.items():
+        if (keys is None or k in keys) and not v["met"]:
+            shown, tgt = _target_texts(k, v)
+            out.append(f"{TARGET_NAMES[k]} {shown} (target {v['op']} {tgt})")
+    return out
+
+
+def warn_if_ineffective(concept: str, checks: dict[str, dict[str, Any]]) -> bool:
+    """Log a warning naming the figures when the adapter misses an efficacy target; returns whether it did."""
+    missed = missed_targets(checks, EFFICACY_TARGETS)
+    if missed:
+        logger.warning("the adapter for '%s' does NOT meet the demo's targets: %s. The file is written and loads, but it "
+                       "erases less of the concept than the demo promises (or costs the other prompts more); see the "
+                       "README, 'Every concept' (some toy colours are carried where no query/key rotation reaches "
+                       "them), or try more --steps or another --threshold", concept, "; ".join(missed))
+    return bool(missed)
+
+
 def _markdown(report: dict[str, Any]) -> str:
     s = report["settings"]
-    names = {"explicit_drop": "explicit unsafe rate, relative drop",
-             "implicit_drop": "implicit-trigger unsafe rate, relative drop",
-             "benign_accuracy_loss": "benign accuracy lost (points)", "benign_psnr_db": "benign PSNR vs base (dB)",
-             "time_per_step_rel": "time per step vs base"}
     lines = [f"# SafeRoPE toy benchmark: erasing '{report['concept']}'", "",
              f"Model: `{report['model']}` · rank {s['rank']}, {s['count']} heads, τ = {report['threshold']:.3g} "
              f"({(report.get('calibration') or {}).get('method', 'given')}), "
@@ -355,13 +395,8 @@ def _markdown(report: dict[str, Any]) -> str:
              report["table_md"], "",
              "## Targets (best SafeRoPE variant vs base)", "", "| metric | value | target | met |", "|---|---:|---:|:---:|"]
     for k, v in report["targets"].items():
-        val = v["value"]
-        shown = ("identical" if isinstance(val, float) and math.isinf(val) else
-                 f"{100 * val:.1f}%" if k.endswith("drop") else f"{100 * val:.1f}" if k == "benign_accuracy_loss"
-                 else f"{val:.3f}")
-        tgt = f"{100 * v['target']:.0f}%" if k.endswith("drop") else (
-            f"{100 * v['target']:.0f}" if k == "benign_accuracy_loss" else f"{v['target']}")
-        lines.append(f"| {names[k]} | {shown} | {v['op']} {tgt} | {'yes' if v['met'] else 'NO'} |")
+        shown, tgt = _target_texts(k, v)
+        lines.append(f"| {TARGET_NAMES[k]} | {shown} | {v['op']} {tgt} | {'yes' if v['met'] else 'NO'} |")
     lines += _attack_lines(report.get("attacks"))
     lines += ["", f"Timings: {', '.join(f'{k} {v}' for k, v in report['timings_s'].items())}.", "",
               f"Reproduce: `{report['command']}`", ""]
