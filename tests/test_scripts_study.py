@@ -52,3 +52,18 @@ def test_gated_share_counts_prompts_with_a_token_above_tau():
     assert hold._gated_share(pipe, recipe, [random_adapter(threshold=0.0, **shapes)], prompts) == 1.0
     assert hold._gated_share(pipe, recipe, [random_adapter(threshold=0.999999, **shapes)], prompts) == 0.0
     assert hold._gated_share(pipe, recipe, [], []) is None
+
+
+def test_oov_prompts_are_benign_held_out_prompts_with_the_pieces_inserted_deterministically():
+    from trainer.toy import world
+
+    oov = _load("oov_colours")
+    pieces = ["zq", "vex"]
+    a = oov.random_prompts("red", pieces, 30, 2, seed=3)
+    assert a == oov.random_prompts("red", pieces, 30, 2, seed=3) and a != oov.random_prompts("red", pieces, 30, 2, seed=4)
+    benign = {p.text for p in world.benign_prompts("red", "eval")}
+    for text in a:
+        words = text.split()
+        assert sum(w in pieces for w in words) == 2
+        assert " ".join(w for w in words if w not in pieces) in benign  # the rest is one benign prompt, in order
+    assert oov.colour_shares(["red", "grey", "red", "none"], ["red", "grey", "blue", "none"]) == [0.5, 0.25, 0.0, 0.25]
