@@ -305,8 +305,16 @@ def _runtime(block: BlockAdapter, device: torch.device, dtype: torch.dtype) -> _
     return rt
 
 
-@torch.compiler.disable
 def _new_runtime(block: BlockAdapter, device: torch.device, dtype: torch.dtype) -> _Runtime:
+    # Not traceable: under torch.compile a graph break. Wrapped here, not decorated at import, since
+    # torch.compiler.disable imports torch._dynamo (seconds of every import of the engine); while
+    # dynamo traces, it is loaded anyway.
+    if torch.compiler.is_compiling():
+        return torch.compiler.disable(_build_runtime)(block, device, dtype)
+    return _build_runtime(block, device, dtype)
+
+
+def _build_runtime(block: BlockAdapter, device: torch.device, dtype: torch.dtype) -> _Runtime:
     rt = block._runtime[(device, dtype)] = _Runtime(block, device, dtype)
     return rt
 

@@ -58,9 +58,11 @@ def test_requirements_never_pin_torch():
 
 
 def test_engine_core_imports_only_torch():
+    # torch._dynamo too: importing it costs seconds (ComfyUI's start, every trainer command); the engine
+    # only needs it while torch.compile traces it, when it is loaded anyway
     code = ("import sys, saferope_engine, saferope_engine.subspace, saferope_engine.authors, "
             "saferope_engine.diffusers, saferope_engine.testing\n"
-            "bad = [m for m in ('diffusers', 'transformers', 'comfy', 'safetensors', 'nodes', 'trainer') "
+            "bad = [m for m in ('diffusers', 'transformers', 'comfy', 'safetensors', 'nodes', 'trainer', 'torch._dynamo') "
             "if m in sys.modules]\nprint(','.join(bad))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
