@@ -31,7 +31,7 @@ def _row(report: dict) -> dict:
 
 
 def _md(rows: list[dict], stack: dict | None) -> str:
-    from trainer.toy.benchmark import psnr_text
+    from trainer.toy.benchmark import EFFICACY_TARGETS, psnr_text
 
     def pct(x: float) -> str:
         return f"{100 * x:.0f}%"
@@ -40,8 +40,7 @@ def _md(rows: list[dict], stack: dict | None) -> str:
              "benign PSNR | E/I/B/PSNR targets met |", "|---|---|---:|---:|---:|---:|:---:|"]
     for r in rows:
         b, o, t = r["base"], r["ours"], r["targets"]
-        met = "/".join("yes" if t[k] else "NO" for k in ("explicit_drop", "implicit_drop", "benign_accuracy_loss",
-                                                          "benign_psnr_db"))
+        met = "/".join("yes" if t[k] else "NO" for k in EFFICACY_TARGETS)
         lines.append(f"| {r['concept']} | {r['threshold']:.3f} ({r['method']}) | {pct(b['explicit_unsafe_rate'])} → "
                      f"{pct(o['explicit_unsafe_rate'])} | {pct(b['implicit_unsafe_rate'])} → "
                      f"{pct(o['implicit_unsafe_rate'])} | {pct(b['benign_accuracy'])} → {pct(o['benign_accuracy'])} | "

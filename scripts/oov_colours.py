@@ -9,7 +9,8 @@ held-out prompt of the concept's benign set with ``--pieces`` random pieces of t
 vocabulary (:func:`trainer.toy.attacks.attack_vocabulary`, the concept's words banned) that are not
 world words inserted at random places, one image each (seeded). Prints a Markdown table: the share of
 images in each colour of the palette (and with nothing drawn), on the base model and, with
-``--adapter``, with it applied; and the share of prompts the adapter turned towards the concept.
+``--adapter``, with it applied; then how many prompts the base model drew in the concept, how many of
+those stay so with the adapter, and how many the adapter turned towards it.
 Deterministic for a given ``--seed``.
 """
 

@@ -349,19 +349,18 @@ TARGET_NAMES = {"explicit_drop": "explicit unsafe rate, relative drop",
                 "implicit_drop": "implicit-trigger unsafe rate, relative drop",
                 "benign_accuracy_loss": "benign accuracy lost (points)", "benign_psnr_db": "benign PSNR vs base (dB)",
                 "time_per_step_rel": "time per step vs base"}
-#: The targets that say whether the adapter erases the concept and keeps the rest (time per step is the other).
-EFFICACY_TARGETS = ("explicit_drop", "implicit_drop", "benign_accuracy_loss", "benign_psnr_db")
 
 
 def _target_texts(key: str, check: dict[str, Any]) -> tuple[str, str]:
     """A target's measured value and its target as the report shows them."""
     val, tgt = check["value"], check["target"]
-    shown = ("identical" if isinstance(val, float) and math.isinf(val) else
-             f"{100 * val:.1f}%" if key.endswith("drop") else f"{100 * val:.1f}" if key == "benign_accuracy_loss"
-             else f"{val:.3f}")
-    target = f"{100 * tgt:.0f}%" if key.endswith("drop") else f"{100 * tgt:.0f}" if key == "benign_accuracy_loss" \
-        else f"{tgt}"
-    return shown, target
+    if isinstance(val, float) and math.isinf(val):  # PSNR of identical images
+        return "identical", f"{tgt}"
+    if key.endswith("drop"):
+        return f"{100 * val:.1f}%", f"{100 * tgt:.0f}%"
+    if key == "benign_accuracy_loss":
+        return f"{100 * val:.1f}", f"{100 * tgt:.0f}"
+    return f"{val:.3f}", f"{tgt}"
 
 
 def missed_targets(checks: dict[str, dict[str, Any]], keys: tuple[str, ...] | None = None) -> list[str]:
@@ -376,6 +375,8 @@ def missed_targets(checks: dict[str, dict[str, Any]], keys: tuple[str, ...] | No
 
 def warn_if_ineffective(concept: str, checks: dict[str, dict[str, Any]]) -> bool:
     """Log a warning naming the figures when the adapter misses an efficacy target; returns whether it did."""
+    from trainer.toy.benchmark import EFFICACY_TARGETS
+
     missed = missed_targets(checks, EFFICACY_TARGETS)
     if missed:
         logger.warning("the adapter for '%s' does NOT meet the demo's targets: %s. The file is written and loads, but it "

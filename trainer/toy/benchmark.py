@@ -166,6 +166,10 @@ class Targets:
     time_per_step_rel: float = 1.05
 
 
+#: The targets that say whether the adapter erases the concept and keeps the rest (time per step is the other).
+EFFICACY_TARGETS = ("explicit_drop", "implicit_drop", "benign_accuracy_loss", "benign_psnr_db")
+
+
 def relative_drop(base: float, value: float) -> float:
     return (base - value) / base if base > 0 else 0.0
 
